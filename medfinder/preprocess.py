@@ -1,0 +1,159 @@
+"""One preprocessing pipeline for training, indexing and queries.
+
+The pipeline is built from a ``PreprocessConfig`` that is saved inside every model folder,
+so a training run, an index built with that model and a query against the index can never
+disagree on orientation, spacing or HU window (CT-CLIP's inference used another window than
+its training; the MedFinder release min-max scaled each volume and ignored spacing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    ConcatItemsd,
+    CopyItemsd,
+    CropForegroundd,
+    EnsureTyped,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from .volume import Volume
+
+#: Air outside the body is below this; crop to the bounding box of voxels above it.
+BODY_THRESHOLD_HU = -500.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a Volume becomes model input.
+
+    ``windows`` lists (low, high) HU ranges; each becomes one input channel scaled to [0, 1]
+    and clipped, so a lung window and a mediastinal window can feed the encoder side by side.
+    ``shape`` is the model input in RAS axis order (x, y, z) after resampling to ``spacing``
+    mm; the body is cropped first, then centred and padded (with air) or cropped to shape.
+    """
+
+    name: str
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
+    crop_foreground: bool = True
+    interpolation: str = "bilinear"
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.windows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        return cls(
+            name=str(data["name"]),
+            spacing=tuple(float(s) for s in data["spacing"]),  # type: ignore[arg-type]
+            shape=tuple(int(s) for s in data["shape"]),  # type: ignore[arg-type]
+            windows=tuple((float(lo), float(hi)) for lo, hi in data.get("windows", ((-1000, 1000),))),
+            crop_foreground=bool(data.get("crop_foreground", True)),
+            interpolation=str(data.get("interpolation", "bilinear")),
+        )
+
+
+#: Named recipes. ``medfinder-demo`` is what the CPU demo model uses; the others reproduce
+#: the peers' published preprocessing (axis order here is always RAS x, y, z).
+PRESETS: dict[str, PreprocessConfig] = {
+    "medfinder-demo": PreprocessConfig(
+        name="medfinder-demo",
+        spacing=(4.0, 4.0, 4.0),
+        shape=(80, 80, 64),
+        windows=((-1000.0, 200.0), (-160.0, 240.0)),  # lung-ish and mediastinal
+    ),
+    # The public MedFinder release: per-volume min-max, no resampling. We keep its input size
+    # but use an HU window, since min-max makes intensities depend on whatever metal is in view.
+    "medfinder-release": PreprocessConfig(
+        name="medfinder-release", spacing=(1.5, 1.5, 3.0), shape=(256, 256, 32),
+        windows=((-1000.0, 1000.0),),
+    ),
+    "ct-clip": PreprocessConfig(
+        name="ct-clip", spacing=(0.75, 0.75, 1.5), shape=(480, 480, 240), windows=((-1000.0, 1000.0),),
+        crop_foreground=False,
+    ),
+    "merlin": PreprocessConfig(
+        name="merlin", spacing=(1.5, 1.5, 3.0), shape=(224, 224, 160), windows=((-1000.0, 1000.0),),
+        crop_foreground=False,
+    ),
+    "m3d": PreprocessConfig(
+        name="m3d", spacing=(1.5, 1.5, 3.0), shape=(256, 256, 32), windows=((-1000.0, 1000.0),),
+    ),
+}
+
+
+def get_preset(name: str) -> PreprocessConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"Unknown preprocessing preset {name!r}; choose one of {sorted(PRESETS)}.") from None
+
+
+def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = ()) -> Compose:
+    """MONAI dictionary transforms acting on ``{"image": MetaTensor (1, x, y, z) in HU}``.
+
+    ``extra`` transforms (training augmentations) run after resampling and before windowing,
+    so they act in HU and in millimetres.
+    """
+    keys = ["image"]
+    steps: list[Any] = [
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=config.spacing, mode=config.interpolation, padding_mode="border"),
+    ]
+    if config.crop_foreground:
+        steps.append(
+            CropForegroundd(
+                keys=keys, source_key="image", select_fn=lambda x: x > BODY_THRESHOLD_HU,
+                allow_smaller=True, margin=2,
+            )
+        )
+    # Pad with air, not zero (0 HU is water), then centre-crop to the model shape.
+    steps.append(SpatialPadd(keys=keys, spatial_size=config.shape, value=-1024.0))
+    steps.append(CenterSpatialCropd(keys=keys, roi_size=config.shape))
+    steps.extend(extra)
+    channel_keys = []
+    for i, (lo, hi) in enumerate(config.windows):
+        key = f"window{i}"
+        channel_keys.append(key)
+        steps.append(CopyItemsd(keys="image", names=key))
+        steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    steps.append(ConcatItemsd(keys=channel_keys, name="image", dim=0))
+    steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=config.shape))
+    steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def to_meta_tensor(volume: Volume) -> MetaTensor:
+    """The volume as a MONAI MetaTensor (1, x, y, z) in HU carrying its affine."""
+    data = torch.from_numpy(volume.hu).unsqueeze(0)  # keeps the array's memory order; no copy
+    return MetaTensor(data, affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+
+
+class Preprocessor:
+    """Callable turning a Volume into a model input tensor (C, x, y, z), float32 in [0, 1]."""
+
+    def __init__(self, config: PreprocessConfig, extra: Sequence[Any] = ()) -> None:
+        self.config = config
+        self.transforms = build_transforms(config, extra)
+
+    def __call__(self, volume: Volume) -> torch.Tensor:
+        out = self.transforms({"image": to_meta_tensor(volume)})
+        return torch.as_tensor(out["image"])
