@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import stat
 import zipfile
@@ -36,6 +37,10 @@ from .errors import (
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 2048
 #: A DICOM zip may not unpack to more than this many bytes in total.
 DEFAULT_MAX_ARCHIVE_BYTES = 4 * 1024**3
+#: A member larger than this that deflates more than BOMB_RATIO times is a zip bomb (DICOM
+#: slices, even mostly air, compress far less; deflate's ceiling is about 1032:1).
+BOMB_MIN_BYTES = 16 * 1024**2
+BOMB_RATIO = 200
 #: Spacing outside this range (mm) is a broken header, not a real scanner.
 SPACING_RANGE_MM = (0.05, 20.0)
 #: A body CT always contains air or lung; an image with nothing below this is not in HU.
@@ -239,6 +244,18 @@ def _load_nifti(path: Path, max_voxels: int) -> Volume:
     name = path.name
     if path.name.lower().endswith(".gz"):
         _check_gzip_member(path)
+    # nibabel logs header repairs (e.g. zero pixdim) to stderr; we report such problems ourselves.
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return _load_nifti_quietly(path, max_voxels)
+    finally:
+        logger.setLevel(level)
+
+
+def _load_nifti_quietly(path: Path, max_voxels: int) -> Volume:
+    name = path.name
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk files
@@ -248,14 +265,40 @@ def _load_nifti(path: Path, max_voxels: int) -> Volume:
     _check_budget(shape, max_voxels, name)
     _check_spacing(_raw_nifti_zooms(path, header), name)
     try:
-        raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape)
-    except Exception as exc:
+        if name.lower().endswith(".gz"):
+            raw = _read_gzipped_voxels(path, img.dataobj, shape)
+        else:
+            raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise UnreadableVolumeError(f"{name}: the voxel data is truncated or corrupt ({_short(exc)}).") from None
     slope, inter = img.dataobj.slope, img.dataobj.inter
     slope = 1.0 if slope is None or (np.isfinite(slope) and slope == 0) else float(slope)
     inter = 0.0 if inter is None else float(inter)
     affine = np.asarray(img.affine, dtype=np.float64)
     return _finish(raw, affine, name, {}, slope, inter)
+
+
+#: Bytes a .nii.gz may carry after its voxels (NIfTI allows none; tolerate small padding).
+_TRAILING_SLACK = 1 << 20
+
+
+def _read_gzipped_voxels(path: Path, proxy: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """The voxels of a .nii.gz, read to the end of the stream so the gzip CRC is checked.
+
+    nibabel stops reading once it has the voxels, so a bit-flipped stream that still inflates
+    would load as silent garbage; reading on to the end makes gzip verify its checksum. The
+    read is capped at the size the header declares, so a gzip bomb cannot fill memory.
+    """
+    dtype = proxy.dtype
+    offset = int(proxy.offset)
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    with gzip.open(path, "rb") as fh:
+        data = fh.read(expected)
+        if len(data) < expected:
+            raise EOFError(f"{len(data):,} of {expected:,} bytes")
+        if len(fh.read(_TRAILING_SLACK + 1)) > _TRAILING_SLACK:
+            raise ValueError("more data than the header declares")
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape, order="F")
 
 
 def _raw_nifti_zooms(path: Path, header: Any) -> tuple[float, ...]:
@@ -418,6 +461,11 @@ def _check_archive_members(members: list[zipfile.ZipInfo], name: str, max_bytes:
         if mode == stat.S_IFLNK:
             raise UnsafeArchiveError(f"{name}: the archive member {m.filename!r} is a symbolic link.")
         total += m.file_size
+        if m.file_size > BOMB_MIN_BYTES and m.file_size > BOMB_RATIO * max(m.compress_size, 1):
+            raise UnsafeArchiveError(
+                f"{name}: the archive member {m.filename!r} expands {m.file_size // max(m.compress_size, 1):,} times "
+                "(a zip bomb), so it was not unpacked."
+            )
     if total > max_bytes:
         raise UnsafeArchiveError(
             f"{name}: the archive would unpack to {total / 1e6:,.0f} MB, above the limit of {max_bytes / 1e6:,.0f} MB."
@@ -494,7 +542,13 @@ def _assemble_series(sources: Iterator[tuple[Any, Any]], max_voxels: int, label:
     by_series: dict[str, list[_Slice]] = {}
     for s in slices:
         by_series.setdefault(s.series, []).append(s)
-    # Several CT series (e.g. a scout and an axial stack): take the one with most slices.
+    # Several CT series (e.g. a scout and an axial stack): take the one with most slices,
+    # unless two are equally large, when any choice would be a guess.
+    sizes = sorted((len(v) for v in by_series.values()), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        raise SliceGeometryError(
+            f"{label}: it holds {len(sizes)} CT series, two of them with {sizes[0]} slices; upload one series at a time."
+        )
     series = max(by_series.values(), key=len)
     return _stack_series(series, max_voxels, label, n_series=len(by_series))
 

@@ -107,6 +107,12 @@ def test_picks_the_ct_series_with_most_slices(tmp_path):
     assert load_volume(tmp_path / "mix").shape[2] == 9
 
 
+def test_two_equally_large_ct_series_are_ambiguous(tmp_path):
+    write_series(tmp_path / "two", n=5, name_prefix="A")
+    write_series(tmp_path / "two", n=5, name_prefix="B")
+    _refused(tmp_path / "two", errors.SliceGeometryError, "2 CT series", "one series")
+
+
 def test_no_identifying_dicom_field_in_metadata(tmp_path):
     write_series(tmp_path / "s", n=4)
     vol = load_volume(tmp_path / "s")
@@ -307,7 +313,12 @@ def test_zip_bomb_refused_without_unpacking(tmp_path):
             for _ in range(64):
                 fh.write(block)
     assert bomb.stat().st_size < 200_000
-    _refused(bomb, errors.UnsafeArchiveError, "above the limit", max_archive_bytes=16 * 1024 * 1024)
+    _refused(bomb, errors.UnsafeArchiveError, "zip bomb")  # 64 MB from 64 kB: the ratio gives it away
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w") as zf:  # stored, incompressible: only the total size is wrong
+        for i in range(3):
+            zf.writestr(f"series/IM{i}.dcm", os.urandom(4 * 1024 * 1024))
+    _refused(big, errors.UnsafeArchiveError, "above the limit", max_archive_bytes=8 * 1024 * 1024)
 
 
 def test_corrupt_zip_refused(tmp_path):
