@@ -43,3 +43,36 @@ def copy_dicom_series(src: Path, dst: Path) -> list[Path]:
     for f in sorted(src.iterdir()):
         out.append(Path(shutil.copy(f, dst / f.name)))
     return out
+
+
+# ---------------------------------------------------------------- a tiny model, corpus and index
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny MedFinder saved like a real one (fast; not a useful model)."""
+    import torch
+
+    from medfinder.model import create_model_and_transforms
+
+    torch.manual_seed(0)
+    model, _ = create_model_and_transforms("medfinder-tiny")
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """Twelve small phantom cases with reports; returns the manifest path."""
+    from medfinder.phantoms import write_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return write_corpus(12, 11, out, shape=(64, 64, 48), spacing=(5.0, 5.0, 6.0), workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, tiny_model_dir, tiny_corpus) -> Path:
+    from index_build.build import build_index
+    from medfinder.datasets import read_manifest
+
+    out = tmp_path_factory.mktemp("idx") / "index"
+    summary = build_index(read_manifest(tiny_corpus), out, model_dir=tiny_model_dir, progress=False)
+    assert summary.added == 12 and not summary.failed
+    return out

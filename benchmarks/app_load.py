@@ -1,0 +1,139 @@
+"""Load test: start the app, run N concurrent gradio_client clients doing mixed text and image
+searches for a fixed time on loopback only, and print JSON (requests, errors, latencies, peak RSS).
+
+Usage: python benchmarks/app_load.py [--clients 20] [--seconds 60] [--image-share 0.2]
+       [--index DIR --model DIR]   (default: the demo index, built on first use)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+QUERIES = ["pleural effusion", "right pleural effusion", "cardiomegaly", "lung nodule without emphysema",
+           "enlarged heart", "collapsed lung", "swollen lymph nodes", "consolidation", "emphysema",
+           "hiatal hernia", "pericardial effusion", "ground glass", "no pleural effusion", "atelectasis"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--image-share", type=float, default=0.2, help="fraction of requests that are image searches")
+    parser.add_argument("--index", type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--image", type=Path, help="CT used for image searches (default: a demo example)")
+    args = parser.parse_args()
+
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(_free_port()),
+               GRADIO_ANALYTICS_ENABLED="False")
+    if args.index:
+        env["MEDFINDER_INDEX"] = str(args.index)
+    if args.model:
+        env["MEDFINDER_MODEL"] = str(args.model)
+    url = f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/"
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    process = psutil.Process(server.pid)
+    peak_rss = 0
+    try:
+        from gradio_client import Client, handle_file
+
+        started = time.monotonic()
+        client = None
+        while time.monotonic() - started < 600:
+            if server.poll() is not None:
+                raise SystemExit(f"the app exited: {server.stderr.read().decode()[-2000:]}")
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:
+                time.sleep(1.0)
+        if client is None:
+            raise SystemExit("the app did not start within 10 minutes")
+        if args.image is None:
+            sys.path.insert(0, str(REPO))
+            from medfinder.demo import ensure_demo_examples
+
+            image = list(ensure_demo_examples().values())[-1]  # a demo-size chest phantom
+        else:
+            image = args.image
+        latencies: dict[str, list[float]] = {"text": [], "image": []}
+        errors: list[str] = []
+        lock = threading.Lock()
+        stop_at = time.monotonic() + args.seconds
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            c = Client(url, verbose=False)
+            while time.monotonic() < stop_at:
+                kind = "image" if rng.random() < args.image_share else "text"
+                t = time.perf_counter()
+                try:
+                    if kind == "text":
+                        c.predict(rng.choice(QUERIES), [], [], "any", 0, 100, 10, api_name="/search_text")
+                    else:
+                        c.predict(handle_file(str(image)), "Similar cases", 10, api_name="/search_image")
+                    with lock:
+                        latencies[kind].append(time.perf_counter() - t)
+                except Exception as exc:  # counted, never fatal: that is what we measure
+                    with lock:
+                        errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:120]}")
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            try:
+                peak_rss = max(peak_rss, process.memory_info().rss + sum(
+                    c.memory_info().rss for c in process.children(recursive=True)))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        requests = sum(len(v) for v in latencies.values()) + len(errors)
+        print(json.dumps({
+            "clients": args.clients, "seconds": args.seconds, "requests": requests, "errors": len(errors),
+            "error_samples": errors[:5],
+            "text": {"n": len(latencies["text"]), "p50_s": _percentile(latencies["text"], 0.5),
+                     "p95_s": _percentile(latencies["text"], 0.95),
+                     "mean_s": round(statistics.mean(latencies["text"]), 4) if latencies["text"] else None},
+            "image": {"n": len(latencies["image"]), "p50_s": _percentile(latencies["image"], 0.5),
+                      "p95_s": _percentile(latencies["image"], 0.95)},
+            "throughput_rps": round(requests / args.seconds, 2),
+            "peak_rss_mb": round(peak_rss / 1e6, 1),
+        }, indent=2))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The demo: where its model and index live, and how the index is made from scratch.
+
+The demo corpus is synthetic (medfinder.phantoms), so the demo index is rebuilt on a fresh
+machine from a seed rather than shipped: ``python -m medfinder demo-index`` (or the first
+``python app.py``) writes it to ``DEMO_INDEX_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEMO_MODEL_DIR = ASSETS_DIR / "model"
+#: Where the demo index is built; override with MEDFINDER_DEMO_INDEX.
+DEMO_INDEX_DIR = Path(os.environ.get("MEDFINDER_DEMO_INDEX", Path(__file__).resolve().parent.parent / "demo_index"))
+#: The demo corpus: phantom cases from a seed the demo model never saw in training.
+DEMO_SEED = 7
+DEMO_CASES = 120
+#: Example query scans: phantoms from another unseen seed, so they are not in the demo index.
+EXAMPLE_SEED = 9
+EXAMPLE_CASES = 3
+BUNDLED_EXAMPLES_DIR = ASSETS_DIR / "examples"
+
+
+def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, seed: int = DEMO_SEED,
+                      workers: int = 2, model_dir: Path = DEMO_MODEL_DIR) -> Path:
+    """Build the demo index unless a complete one is already there; returns its folder.
+
+    Resumable like every index build: an interrupted first start picks up where it stopped.
+    """
+    from index_build.build import build_index
+    from medfinder.datasets import read_manifest
+    from medfinder.phantoms import write_corpus
+
+    index_dir = Path(index_dir)
+    corpus = index_dir.parent / f"{index_dir.name}_corpus"
+    manifest = corpus / "manifest.csv"
+    if not manifest.exists():
+        write_corpus(n, seed, corpus, workers=workers)
+    build_index(read_manifest(manifest), index_dir, model_dir=model_dir, workers=workers,
+                settings={"corpus": f"phantoms n={n} seed={seed}"})
+    return index_dir
+
+
+def examples_dir(index_dir: Path = DEMO_INDEX_DIR) -> Path:
+    return Path(index_dir).parent / f"{Path(index_dir).name}_examples"
+
+
+def ensure_demo_examples(index_dir: Path = DEMO_INDEX_DIR) -> dict[str, Path]:
+    """Example CTs for the app: the bundled real CT plus a few phantoms generated on first use."""
+    import nibabel as nib
+
+    from medfinder.phantoms import generate_case
+
+    folder = examples_dir(index_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(EXAMPLE_CASES):
+        target = folder / f"phantom_example_{i + 1}.nii.gz"
+        if not target.exists():
+            case = generate_case(EXAMPLE_SEED, i)
+            found = "_".join(f.name.lower().replace(" ", "-") for f in case.findings[:2]) or "normal"
+            tmp = folder / f".{target.name}.part.nii.gz"
+            nib.save(nib.Nifti1Image(case.volume.hu, case.volume.affine), str(tmp))
+            tmp.replace(target)
+            (folder / f"{target.name}.txt").write_text(found)
+    examples = {p.name: p for p in sorted(BUNDLED_EXAMPLES_DIR.glob("*.nii.gz"))}
+    for p in sorted(folder.glob("phantom_example_*.nii.gz")):
+        note = (folder / f"{p.name}.txt")
+        label = f"{p.name} (synthetic: {note.read_text()})" if note.exists() else p.name
+        examples[label] = p
+    return examples

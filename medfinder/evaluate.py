@@ -1,0 +1,241 @@
+"""Retrieval evaluation: the MedFinder paper's protocol plus CT-CLIP's label overlap.
+
+``python -m medfinder.evaluate --model DIR --manifest CSV [--split test|all] --json``
+
+- text-to-image and image-to-text recall@1/5/10, median and mean rank of the exact pair
+  (query i's match is item i); ties count against the model (a constant score ranks last);
+- image-to-image label overlap of the top k (mean Jaccard of the finding sets of the query and
+  each retrieved case, the query itself excluded; two normal studies agree fully), computed per
+  query and averaged once, unlike CT-CLIP's running accumulation; with its chance level;
+- keyword precision@10/@20 per finding: the finding's name through ``encode_text`` against
+  image embeddings only; hits / min(k, positives).
+
+Metric functions take similarity matrices so they can be checked on hand-built ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
+from .errors import MedFinderError
+from .volume import Volume
+
+RECALL_KS = (1, 5, 10)
+KEYWORD_KS = (10, 20)
+OVERLAP_KS = (5, 10)
+
+
+# --------------------------------------------------------------------------- metrics
+def match_ranks(similarity: np.ndarray) -> np.ndarray:
+    """1-based rank of item i for query i (rows are queries); ties are counted pessimistically."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"Expected a square similarity matrix, got shape {similarity.shape}.")
+    matched = np.diag(similarity)[:, None]
+    return (similarity >= matched).sum(axis=1)
+
+
+def retrieval_metrics(similarity: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Recall@k, median and mean rank for square ``similarity`` (query i matches item i)."""
+    ranks = match_ranks(similarity)
+    out: dict[str, float] = {f"R@{k}": float(np.mean(ranks <= k)) for k in ks}
+    out["median_rank"] = float(np.median(ranks))
+    out["mean_rank"] = float(np.mean(ranks))
+    out["n"] = int(len(ranks))
+    return out
+
+
+def _jaccard(query: np.ndarray, items: np.ndarray) -> np.ndarray:
+    inter = (items & query).sum(axis=-1)
+    union = (items | query).sum(axis=-1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def label_overlap_at_k(similarity: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
+    """Mean Jaccard overlap between each query's findings and those of its top-k neighbours.
+
+    ``similarity`` is (N, N) image-to-image; the query itself is excluded. ``chance`` is the
+    expected overlap of k cases drawn at random, for scale.
+    """
+    similarity = np.array(similarity, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n = similarity.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return {"overlap": float("nan"), "chance": float("nan"), "k": k}
+    np.fill_diagonal(similarity, -np.inf)
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    per_query = [float(_jaccard(labels[i], labels[top[i]]).mean()) for i in range(n)]
+    chance = [float(np.delete(_jaccard(labels[i], labels), i).mean()) for i in range(n)]
+    return {"overlap": float(np.mean(per_query)), "chance": float(np.mean(chance)), "k": k}
+
+
+def precision_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
+    """Hits among the k best-scored items / min(k, number of positives); NaN without positives."""
+    positives = np.asarray(positives).astype(bool)
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        return float("nan")
+    top = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+    return float(positives[top].sum() / min(k, n_pos))
+
+
+def keyword_precision(
+    similarity: np.ndarray, labels: np.ndarray, names: Sequence[str], ks: Sequence[int] = KEYWORD_KS
+) -> dict[str, Any]:
+    """Per finding: precision@k of query row f (finding ``names[f]``) against label column f."""
+    per_finding: dict[str, dict[str, float | int]] = {}
+    for f, name in enumerate(names):
+        positives = np.asarray(labels)[:, f].astype(bool)
+        if not positives.any():
+            continue
+        entry: dict[str, float | int] = {"positives": int(positives.sum())}
+        for k in ks:
+            entry[f"P@{k}"] = precision_at_k(similarity[f], positives, k)
+        per_finding[name] = entry
+    mean = {f"P@{k}": float(np.mean([e[f"P@{k}"] for e in per_finding.values()])) if per_finding else float("nan") for k in ks}
+    return {"mean": mean, "per_finding": per_finding}
+
+
+# --------------------------------------------------------------------------- embedding
+def embed_cases(
+    model: Any,
+    records: Sequence[CaseRecord],
+    loader: Callable[[Path], Volume] | None = None,
+    workers: int = 0,
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, list[CaseRecord], dict[str, str]]:
+    """Image and report embeddings of the cases whose image loads, plus the skipped ones."""
+    dataset = CaseDataset(records, model.make_preprocessor(), loader=loader)
+    batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_cases)
+    images, kept = [], []
+    for batch in batches:
+        if batch is None:
+            continue
+        images.append(model.encode_image(batch["image"], batch_size=batch_size))
+        kept.extend(dataset.records[i] for i in batch["index"].tolist())
+    skipped = {r.case_id: "no image" for r in records if r.image is None}
+    kept_ids = {r.case_id for r in kept}
+    skipped.update({r.case_id: "image could not be used" for r in dataset.records if r.case_id not in kept_ids})
+    image_embeds = torch.cat(images) if images else torch.empty(0, model.embed_dim)
+    text_embeds = model.encode_text([r.report for r in kept])
+    return image_embeds, text_embeds, kept, skipped
+
+
+def evaluate_embeddings(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    labels: np.ndarray,
+    finding_names: Sequence[str],
+    finding_embeds: torch.Tensor | None,
+) -> dict[str, Any]:
+    """All metrics from embeddings (rows aligned: case i's image, report and labels)."""
+    img = image_embeds.double().numpy()
+    txt = text_embeds.double().numpy()
+    text_to_image = txt @ img.T
+    result: dict[str, Any] = {
+        "text_to_image": retrieval_metrics(text_to_image),
+        "image_to_text": retrieval_metrics(text_to_image.T),
+    }
+    if len(finding_names):
+        image_to_image = img @ img.T
+        result["image_to_image_label_overlap"] = {
+            f"@{k}": label_overlap_at_k(image_to_image, labels, k) for k in OVERLAP_KS
+        }
+        if finding_embeds is not None:
+            result["keyword"] = keyword_precision(finding_embeds.double().numpy() @ img.T, labels, finding_names)
+    return result
+
+
+def finding_names_of(records: Sequence[CaseRecord]) -> list[str]:
+    """Label names present in the records, in first-seen order."""
+    return list(dict.fromkeys(name for r in records for name in r.labels))
+
+
+def evaluate_model(
+    model: Any,
+    records: Sequence[CaseRecord],
+    loader: Callable[[Path], Volume] | None = None,
+    workers: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    image_embeds, text_embeds, kept, skipped = embed_cases(model, records, loader, workers, batch_size)
+    if len(kept) < 2:
+        raise MedFinderError(f"Only {len(kept)} case(s) with a usable image and report; evaluation needs at least 2.")
+    names = finding_names_of(kept)
+    labels = np.array([[r.labels.get(n, 0) for n in names] for r in kept], dtype=np.int64).reshape(len(kept), len(names))
+    finding_embeds = model.encode_text(names) if names else None
+    result = evaluate_embeddings(image_embeds, text_embeds, labels, names, finding_embeds)
+    result["cases"] = len(kept)
+    result["skipped"] = skipped
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+def json_safe(value: Any) -> Any:
+    """NaN (a metric with nothing to measure) becomes null, so stdout stays valid JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _summary(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']} ({result['fingerprint']}), {result['cases']} cases, split {result['split']}"]
+    for direction in ("text_to_image", "image_to_text"):
+        m = result[direction]
+        lines.append(
+            f"{direction:14s} R@1 {m['R@1']:.3f}  R@5 {m['R@5']:.3f}  R@10 {m['R@10']:.3f}  "
+            f"MdR {m['median_rank']:.1f}  MnR {m['mean_rank']:.1f}"
+        )
+    if "keyword" in result:
+        mean = result["keyword"]["mean"]
+        lines.append(f"keyword        P@10 {mean['P@10']:.3f}  P@20 {mean['P@20']:.3f}")
+        for name, entry in result["keyword"]["per_finding"].items():
+            lines.append(f"  {name:36s} n={entry['positives']:4d}  P@10 {entry['P@10']:.2f}  P@20 {entry['P@20']:.2f}")
+    if "image_to_image_label_overlap" in result:
+        for k, m in result["image_to_image_label_overlap"].items():
+            lines.append(f"label overlap{k:4s}  {m['overlap']:.3f} (chance {m['chance']:.3f})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medfinder.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
+    parser.add_argument("--manifest", required=True, type=Path, help="manifest CSV: case_id,image,report,labels...")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for loading volumes")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    args = parser.parse_args(argv)
+    try:
+        from .model import MedFinder
+
+        model = MedFinder.from_pretrained(args.model)
+        records = select_split(read_manifest(args.manifest), args.split)
+        if not records:
+            raise MedFinderError(f"The manifest {args.manifest} has no cases in the {args.split} split.")
+        result = evaluate_model(model, records, workers=args.workers, batch_size=args.batch_size)
+    except MedFinderError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    result = {"model": model.config["name"], "fingerprint": model.fingerprint, "manifest": str(args.manifest),
+              "split": args.split, **result}
+    print(json.dumps(json_safe(result), indent=2) if args.json else _summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

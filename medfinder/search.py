@@ -1,0 +1,279 @@
+"""The Searcher: text, image and keyword channels over a CaseIndex, fused into one ranking.
+
+Text queries run three channels: ``keyword`` (the report engine: negation-aware, so "no
+pleural effusion" never counts as a hit), ``text`` (report-to-report similarity in the text
+tower's own space) and ``image`` (text-to-image in the joint space, the only channel that can
+find cases without a report). Image queries run ``image`` (image-to-image) and ``report``
+(image-to-report in the joint space). Channels are fused by weighted reciprocal rank fusion,
+which needs no score calibration between channels whose similarities live on different
+scales (benchmarks/fusion.py compares it with a weighted sum of scores).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import MedFinderError
+from .index import CaseIndex, CaseRecord
+from .volume import Volume, load_volume
+
+#: Reciprocal rank fusion constant (Cormack et al. 2009); 60 is the usual choice.
+RRF_K = 60
+#: Candidates fetched per channel, as a multiple of the k asked for.
+CANDIDATE_FACTOR = 5
+MIN_CANDIDATES = 50
+TEXT_CHANNELS = ("keyword", "text", "image")
+IMAGE_CHANNELS = ("image", "report")
+#: Index vector channel behind each search channel, per query kind.
+_INDEX_CHANNEL = {("text", "text"): "report_text", ("text", "image"): "image",
+                  ("image", "image"): "image", ("image", "report"): "report"}
+DEFAULT_WEIGHTS = {"keyword": 1.0, "text": 0.5, "image": 1.0, "report": 1.0}
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Query-time restrictions. Finding names are canonical lexicon names."""
+
+    include_findings: tuple[str, ...] = ()
+    exclude_findings: tuple[str, ...] = ()
+    sex: str | None = None
+    age_min: int | None = None
+    age_max: int | None = None
+    body_part: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.include_findings or self.exclude_findings or self.sex or self.body_part
+                    or self.age_min is not None or self.age_max is not None)
+
+    def accepts(self, record: CaseRecord) -> bool:
+        present = {f["name"] for f in record.findings if f.get("status") == "affirmed"}
+        if any(name not in present for name in self.include_findings):
+            return False
+        if any(name in present for name in self.exclude_findings):
+            return False
+        meta = record.metadata
+        if self.sex and str(meta.get("sex", "")).upper()[:1] != self.sex.upper()[:1]:
+            return False
+        if self.body_part and str(meta.get("body_part", "")).lower() != self.body_part.lower():
+            return False
+        if self.age_min is not None or self.age_max is not None:
+            try:
+                age = float(meta["age"])
+            except (KeyError, TypeError, ValueError):
+                return False
+            if self.age_min is not None and age < self.age_min:
+                return False
+            if self.age_max is not None and age > self.age_max:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class ChannelHit:
+    score: float
+    rank: int  # 1-based
+
+
+@dataclass
+class SearchResult:
+    """One ranked case: fused score, what each channel said, and what to show."""
+
+    case_id: str
+    rank: int
+    score: float
+    channels: dict[str, ChannelHit]
+    report: str
+    highlights: list[tuple[str, str | None]]
+    findings: list[dict]
+    metadata: dict
+    source: str
+    shape: tuple[int, ...] | None
+    spacing: tuple[float, ...] | None
+    thumbnail_png: bytes | None = field(default=None, repr=False)
+
+    def present_findings(self) -> list[str]:
+        return sorted({f["name"] for f in self.findings if f.get("status") == "affirmed"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "rank": self.rank,
+            "score": round(self.score, 6),
+            "channels": {c: {"score": round(h.score, 6), "rank": h.rank} for c, h in self.channels.items()},
+            "findings": self.present_findings(),
+            "metadata": self.metadata,
+            "report": self.report,
+            "highlights": [[text, label] for text, label in self.highlights],
+        }
+
+
+def fuse_rankings(
+    rankings: dict[str, list[tuple[str, float]]],
+    weights: dict[str, float] | None = None,
+    method: str = "rrf",
+) -> list[tuple[str, float, dict[str, ChannelHit]]]:
+    """Fuse per-channel rankings (best first) into one: (case_id, fused score, hits), best first.
+
+    ``rrf``: sum of weight / (RRF_K + rank). ``weighted``: sum of weight * min-max normalised
+    score within each channel's candidate list.
+    """
+    weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+    fused: dict[str, float] = {}
+    hits: dict[str, dict[str, ChannelHit]] = {}
+    for channel, ranking in rankings.items():
+        if not ranking:
+            continue
+        w = weights.get(channel, 1.0)
+        scores = np.array([s for _, s in ranking], dtype=np.float64)
+        lo, span = scores.min(), max(scores.max() - scores.min(), 1e-9)
+        for position, (case_id, score) in enumerate(ranking, start=1):
+            hits.setdefault(case_id, {})[channel] = ChannelHit(float(score), position)
+            if method == "rrf":
+                contribution = w / (RRF_K + position)
+            elif method == "weighted":
+                contribution = w * (score - lo) / span
+            else:
+                raise ValueError(f"Unknown fusion method {method!r}; use 'rrf' or 'weighted'.")
+            fused[case_id] = fused.get(case_id, 0.0) + contribution
+    order = sorted(fused, key=lambda c: (-fused[c], c))
+    return [(c, fused[c], hits[c]) for c in order]
+
+
+class Searcher:
+    """Searches one CaseIndex with the model that built it.
+
+    >>> searcher = Searcher.open("demo_index")           # doctest: +SKIP
+    >>> searcher.search(text="right pleural effusion", k=5)  # doctest: +SKIP
+    """
+
+    def __init__(self, index: CaseIndex, model: Any, fusion: str = "rrf",
+                 weights: dict[str, float] | None = None) -> None:
+        self.index = index
+        self.model = model
+        self.preprocessor = model.make_preprocessor()
+        self.fusion = fusion
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None,
+             **kwargs: Any) -> "Searcher":
+        """Open an index with its model; a model of another fingerprint is refused by CaseIndex.open."""
+        from .model import MedFinder
+
+        model_path = Path(model_dir) if model_dir else _recorded_model_dir(Path(index_dir))
+        model = MedFinder.from_pretrained(model_path)
+        index = CaseIndex.open(index_dir, fingerprint=model.fingerprint)
+        return cls(index, model, **kwargs)
+
+    # ------------------------------------------------------------------ queries
+    def encode_volume(self, volume: Volume) -> np.ndarray:
+        x = self.preprocessor(volume)
+        return self.model.encode_image(x.unsqueeze(0))[0].numpy()
+
+    def search(
+        self,
+        text: str | None = None,
+        image: Volume | str | os.PathLike[str] | None = None,
+        k: int = 10,
+        channels: Sequence[str] | None = None,
+        filters: SearchFilters | None = None,
+        offset: int = 0,
+    ) -> list[SearchResult]:
+        """Ranked cases for a text query or an image query (exactly one of them)."""
+        if (text is None or not str(text).strip()) == (image is None):
+            raise MedFinderError("Give either a text query or an image to search with, not both or neither.")
+        if k < 1:
+            raise MedFinderError(f"The number of results must be at least 1, not {k}.")
+        filters = filters or SearchFilters()
+        kind = "text" if image is None else "image"
+        allowed = TEXT_CHANNELS if kind == "text" else IMAGE_CHANNELS
+        wanted = tuple(channels) if channels else allowed
+        unknown = [c for c in wanted if c not in allowed]
+        if unknown:
+            raise MedFinderError(
+                f"Channel {unknown[0]!r} does not apply to {kind} queries; choose from {', '.join(allowed)}."
+            )
+        query = None
+        if kind == "text":
+            from .reports import parse_query
+
+            query = parse_query(str(text))
+            filters = _merge_query_filters(filters, query)
+        n_candidates = max((offset + k) * CANDIDATE_FACTOR * (4 if filters.active else 1), MIN_CANDIDATES)
+        rankings = self._rankings(kind, text, image, wanted, n_candidates, query)
+        fused = fuse_rankings(rankings, self.weights, self.fusion)
+        return self._results(fused, filters, k, offset, query)
+
+    def _rankings(self, kind: str, text: str | None, image: Any, wanted: Sequence[str], n: int,
+                  query: Any) -> dict[str, list[tuple[str, float]]]:
+        available = self.index.channels
+        rankings: dict[str, list[tuple[str, float]]] = {}
+        if kind == "text":
+            assert text is not None
+            if "keyword" in wanted:
+                rankings["keyword"] = self.index.keyword_search(query if query is not None else text, n)
+            if "text" in wanted and "report_text" in available:
+                vec = self.model.text_features([text])[0].numpy()
+                rankings["text"] = self.index.query("report_text", vec, n)
+            if "image" in wanted and "image" in available:
+                vec = self.model.encode_text([text])[0].numpy()
+                rankings["image"] = self.index.query("image", vec, n)
+        else:
+            volume = image if isinstance(image, Volume) else load_volume(image)
+            vec = self.encode_volume(volume)
+            for channel in wanted:
+                index_channel = _INDEX_CHANNEL[("image", channel)]
+                if index_channel in available:
+                    rankings[channel] = self.index.query(index_channel, vec, n)
+        return rankings
+
+    def _results(self, fused: list, filters: SearchFilters, k: int, offset: int,
+                 query: Any) -> list[SearchResult]:
+        from .reports import highlight
+
+        ids = [case_id for case_id, _, _ in fused]
+        records = {r.case_id: r for r in self.index.get_many(ids, thumbnails=False)}
+        kept = [(c, s, h) for c, s, h in fused if c in records and filters.accepts(records[c])]
+        page = kept[offset : offset + k]
+        thumbs = {r.case_id: r.thumbnail_png for r in self.index.get_many([c for c, _, _ in page])}
+        results = []
+        for position, (case_id, score, hits) in enumerate(page, start=offset + 1):
+            record = records[case_id]
+            marks = highlight(query, record.report) if record.report else []
+            results.append(SearchResult(
+                case_id=case_id, rank=position, score=score, channels=hits, report=record.report,
+                highlights=marks, findings=record.findings, metadata=record.metadata, source=record.source,
+                shape=record.shape, spacing=record.spacing, thumbnail_png=thumbs.get(case_id),
+            ))
+        return results
+
+    def case(self, case_id: str) -> CaseRecord:
+        return self.index.get(case_id)
+
+
+def _merge_query_filters(filters: SearchFilters, query: Any) -> SearchFilters:
+    """'A without B' and 'no B' in the query exclude cases whose report affirms B."""
+    excluded = tuple(getattr(query, "exclude_findings", ()) or ())
+    if not excluded:
+        return filters
+    return SearchFilters(
+        include_findings=filters.include_findings,
+        exclude_findings=tuple(dict.fromkeys((*filters.exclude_findings, *excluded))),
+        sex=filters.sex, age_min=filters.age_min, age_max=filters.age_max, body_part=filters.body_part,
+    )
+
+
+def _recorded_model_dir(index_dir: Path) -> Path:
+    """The model folder recorded in the index, else the demo model shipped in assets/."""
+    recorded = CaseIndex.read_info(index_dir)["model"]["id"]
+    if Path(recorded).is_dir():
+        return Path(recorded)
+    from .paths import DEMO_MODEL_DIR
+
+    return DEMO_MODEL_DIR

@@ -1,0 +1,433 @@
+"""Contrastive training of MedFinder on a manifest of CT volumes and reports.
+
+``python -m medfinder.train --manifest CSV --out DIR [--config NAME] [--epochs N] [--batch-size B]
+[--lr LR] [--workers W] [--resume]``
+
+Each step: two augmented views of every volume (small random affine + intensity jitter, never a
+left-right flip, since reports state laterality) and a sampled window of its report's sentences;
+loss = symmetric InfoNCE of each view against the text (averaged) + ``view_weight`` x the views'
+consistency + optionally ``finding_weight`` x a finding loss against the label columns.
+AdamW with linear warmup and cosine decay; bf16 autocast and DataLoader workers on a GPU;
+gradient accumulation (negatives stay per micro-batch). The split is the hash split of
+``medfinder.datasets`` (80/10/10); the best epoch by validation text-to-image R@10 is saved in
+``DIR`` (``config.json`` + ``model.safetensors``), the latest state in ``DIR/checkpoint`` for
+``--resume``, one JSON line per epoch in ``DIR/train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
+from .errors import MedFinderError, ModelError
+from .evaluate import finding_names_of, retrieval_metrics
+from .losses import FindingLoss, contrastive_loss, view_consistency_loss
+from .model import MedFinder, create_model_and_transforms, split_sentences
+from .volume import Volume
+
+log = logging.getLogger("medfinder.train")
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    manifest: str
+    out: str
+    config: str = "medfinder-demo"
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    text_lr: float | None = None  # a fine-tuned text tower wants a much smaller rate
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    accumulate: int = 1
+    workers: int = 0
+    seed: int = 0
+    view_weight: float = 0.5
+    finding_weight: float = 0.0
+    full_report_probability: float = 0.5
+    min_window_fraction: float = 0.5
+    translate_voxels: float = 4.0
+    rotate_degrees: float = 6.0
+    scale_range: float = 0.05
+    cache: bool = True
+    amp: bool = True
+    device: str = "auto"
+    max_steps: int | None = None
+    init: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- augmentation
+def _shift_volumes(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Whole-voxel random translations (no resampling), padding with 0 = air."""
+    if max_shift < 1:
+        return images.clone()
+    b, _, *spatial = images.shape
+    padded = F.pad(images, [max_shift] * 6)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 3), generator=generator, device=generator.device).tolist()
+    return torch.stack([
+        padded[i, :, ox : ox + spatial[0], oy : oy + spatial[1], oz : oz + spatial[2]]
+        for i, (ox, oy, oz) in enumerate(offsets)
+    ])
+
+
+def _affine_volumes(images: torch.Tensor, settings: "TrainSettings", generator: torch.Generator) -> torch.Tensor:
+    b = images.shape[0]
+    device = images.device
+
+    def uniform(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator, device=device) * 2 - 1).mul(scale)
+
+    angles = uniform(b, 3, scale=math.radians(settings.rotate_degrees))
+    cos, sin = angles.cos(), angles.sin()
+    one, zero = torch.ones(b, device=device), torch.zeros(b, device=device)
+    rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1).view(b, 3, 3)
+    ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1).view(b, 3, 3)
+    rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1).view(b, 3, 3)
+    scale = 1.0 + uniform(b, 1, 1, scale=settings.scale_range)
+    # grid_sample's normalised coordinates run over (z, y, x) = (W, H, D) for a (B, C, x, y, z) tensor
+    spatial = torch.tensor(images.shape[2:][::-1], dtype=torch.float32, device=device)
+    shift = uniform(b, 3, scale=settings.translate_voxels) * 2.0 / spatial
+    theta = torch.cat([rx @ ry @ rz * scale, shift.unsqueeze(-1)], dim=2)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_volumes(images: torch.Tensor, settings: "TrainSettings", generator: torch.Generator) -> torch.Tensor:
+    """A random small spatial transform and intensity jitter per volume of a (B, C, x, y, z) batch.
+
+    ``generator`` must live on the images' device (noise is drawn where the volumes are).
+
+    With rotation and scaling off, the transform is a whole-voxel shift (no resampling: several
+    times cheaper on a CPU); otherwise one batched ``grid_sample`` applies rotation, scale and
+    translation. Outside the field of view is 0, which is air in every HU window we use.
+    """
+    if settings.rotate_degrees == 0 and settings.scale_range == 0:
+        out = _shift_volumes(images, int(round(settings.translate_voxels)), generator)
+    else:
+        out = _affine_volumes(images, settings, generator)
+    b, device = images.shape[0], images.device
+    contrast = 1.0 + (torch.rand(b, 1, 1, 1, 1, generator=generator, device=device) * 2 - 1).mul(0.1)
+    brightness = (torch.rand(b, 1, 1, 1, 1, generator=generator, device=device) * 2 - 1).mul(0.05)
+    out.mul_(contrast).add_(brightness)  # in place: these volumes are large, memory traffic dominates
+    out.add_(torch.randn(out.shape, generator=generator, device=device).mul_(0.02))
+    return out.clamp_(0.0, 1.0)
+
+
+def sample_report(report: str, rng: random.Random, full_probability: float, min_fraction: float) -> str:
+    """The whole report, or a contiguous window of at least ``min_fraction`` of its sentences."""
+    sentences = split_sentences(report)
+    if len(sentences) < 2 or rng.random() < full_probability:
+        return report
+    length = rng.randint(max(1, math.ceil(min_fraction * len(sentences))), len(sentences))
+    start = rng.randint(0, len(sentences) - length)
+    return " ".join(sentences[start : start + length])
+
+
+# --------------------------------------------------------------------------- pieces
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings) -> list[dict[str, Any]]:
+    decay, no_decay, text = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("text.model."):
+            text.append(param)
+        elif param.ndim < 2 or name == "logit_scale":  # CLIP: no decay on gains, biases, temperature
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay + list(finding_loss.parameters()), "weight_decay": 0.0},
+    ]
+    if text:
+        groups.append({"params": text, "weight_decay": settings.weight_decay, "lr": settings.text_lr or settings.lr * 0.01})
+    return groups
+
+
+def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int) -> dict[str, float]:
+    """Text-to-image retrieval on the validation cases (full reports, no augmentation)."""
+    indices = dataset.usable_indices()
+    images, reports = [], []
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start : start + batch_size]]
+        batch = collate_cases(items)
+        if batch is None:
+            continue
+        images.append(model.encode_image(batch["image"], batch_size=batch_size))
+        reports.extend(batch["report"])
+    if len(reports) < 2:
+        return {}
+    image_embeds = torch.cat(images).double().numpy()
+    text_embeds = model.encode_text(reports).double().numpy()
+    return retrieval_metrics(text_embeds @ image_embeds.T)
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    elapsed_s: float = 0.0
+
+
+def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any, finding_loss: FindingLoss,
+                     state: _State, settings: TrainSettings, rngs: dict[str, Any]) -> None:
+    folder = out / CHECKPOINT_DIR
+    model.save_pretrained(folder)
+    payload = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "finding_loss": finding_loss.state_dict(),
+        "state": asdict(state),
+        "settings": asdict(settings),
+        "rngs": rngs,
+    }
+    tmp = folder / (STATE_FILE + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(folder / STATE_FILE)
+
+
+# --------------------------------------------------------------------------- training
+def train(
+    settings: TrainSettings,
+    records: Sequence[CaseRecord] | None = None,
+    loader: Callable[[Path], Volume] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train and return a summary (best validation metrics, steps, wall time, split sizes)."""
+    started = time.perf_counter()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(settings.device)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+
+    checkpoint = out / CHECKPOINT_DIR
+    resume_payload = None
+    if resume:
+        if not (checkpoint / STATE_FILE).is_file():
+            raise ModelError(f"Cannot resume: {checkpoint / STATE_FILE} does not exist.")
+        resume_payload = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        model = MedFinder.from_pretrained(checkpoint)
+        preprocessor = model.make_preprocessor()
+    else:
+        model, preprocessor = create_model_and_transforms(settings.init or settings.config)
+    model.to(device)
+
+    records = list(records) if records is not None else read_manifest(settings.manifest)
+    train_records = select_split(records, "train")
+    val_records = select_split(records, "val")
+    finding_names = finding_names_of(train_records) if settings.finding_weight > 0 else []
+    train_set = CaseDataset(train_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
+    val_set = CaseDataset(val_records, preprocessor, loader=loader, cache=settings.cache)
+    if settings.cache:
+        train_set.preload(settings.workers)
+        val_set.preload(settings.workers)
+    usable = train_set.usable_indices() if settings.cache else list(range(len(train_set)))
+    if len(usable) < 2:
+        raise MedFinderError(f"The manifest {settings.manifest} has fewer than 2 usable training cases.")
+    on_gpu = device.type == "cuda"
+    generator = torch.Generator().manual_seed(settings.seed)  # batch order
+    augment_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
+    batches = DataLoader(
+        torch.utils.data.Subset(train_set, usable),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=len(usable) > settings.batch_size,
+        num_workers=0 if settings.cache else settings.workers,
+        collate_fn=collate_cases,
+        pin_memory=on_gpu,
+        generator=generator,
+        persistent_workers=not settings.cache and settings.workers > 0,
+    )
+    finding_loss = FindingLoss().to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, finding_loss, settings), lr=settings.lr)
+    steps_per_epoch = max(1, math.ceil(len(batches) / settings.accumulate))
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_fraction * total_steps), total_steps)
+    state = _State()
+    text_rng = random.Random(settings.seed)
+    if resume_payload is not None:
+        optimizer.load_state_dict(resume_payload["optimizer"])
+        scheduler.load_state_dict(resume_payload["scheduler"])
+        finding_loss.load_state_dict(resume_payload["finding_loss"])
+        state = _State(**resume_payload["state"])
+        generator.set_state(resume_payload["rngs"]["generator"])
+        augment_generator.set_state(resume_payload["rngs"]["augment"])
+        text_rng.setstate(resume_payload["rngs"]["text"])
+        torch.set_rng_state(resume_payload["rngs"]["torch"])
+
+    amp = settings.amp and on_gpu
+    log_path = out / LOG_FILE
+    from tqdm.auto import tqdm
+
+    summary: dict[str, Any] = {}
+    while state.epoch < settings.epochs and (settings.max_steps is None or state.step < settings.max_steps):
+        epoch_start = time.perf_counter()
+        model.train()
+        losses: list[float] = []
+        progress = tqdm(batches, desc=f"epoch {state.epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        optimizer.zero_grad(set_to_none=True)
+        for micro, batch in enumerate(progress):
+            if batch is None:
+                continue
+            images = batch["image"].to(device, non_blocking=True).float()
+            texts = [
+                sample_report(r, text_rng, settings.full_report_probability, settings.min_window_fraction)
+                for r in batch["report"]
+            ]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                n_views = 2 if settings.view_weight > 0 else 1
+                views = [model.embed_image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
+                text_embeds = model.embed_text(texts)
+                scale = model.scale()
+                loss = sum(contrastive_loss(v, text_embeds, scale) for v in views) / n_views
+                if n_views == 2:
+                    loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
+                if finding_names:
+                    finding_embeds = model.embed_text(finding_names)
+                    labels = batch["labels"].to(device)
+                    mask = batch["label_mask"].to(device)
+                    finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
+                    loss = loss + settings.finding_weight * finding
+            (loss / settings.accumulate).backward()
+            losses.append(float(loss.detach()))
+            if (micro + 1) % settings.accumulate == 0 or micro + 1 == len(batches):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                model.clamp_logit_scale_()
+                state.step += 1
+            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", T=f"{1 / float(model.scale().detach()):.3f}")
+            if settings.max_steps is not None and state.step >= settings.max_steps:
+                break
+        progress.close()
+        state.epoch += 1
+        validation = validation_recall(model, val_set, settings.batch_size) if len(val_set) else {}
+        state.elapsed_s += time.perf_counter() - epoch_start
+        metric = validation.get("R@10", -float(np.mean(losses)) if losses else -float("inf"))
+        improved = metric > state.best
+        if improved:
+            state.best = metric
+            model.save_pretrained(out)
+        rngs = {"generator": generator.get_state(), "augment": augment_generator.get_state(),
+                "text": text_rng.getstate(), "torch": torch.get_rng_state()}
+        _save_checkpoint(out, model, optimizer, scheduler, finding_loss, state, settings, rngs)
+        summary = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "loss": float(np.mean(losses)) if losses else None,
+            "temperature": 1 / float(model.scale().detach()),
+            "lr": scheduler.get_last_lr()[0],
+            "val": validation,
+            "best": improved,
+            "epoch_s": round(time.perf_counter() - epoch_start, 1),
+        }
+        with log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(summary) + "\n")
+        tqdm.write(
+            f"epoch {state.epoch}: loss {summary['loss']:.4f}  val t2i R@10 {validation.get('R@10', float('nan')):.3f}"
+            f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
+        )
+    result = {
+        "out": str(out),
+        "fingerprint": json.loads((out / "config.json").read_text(encoding="utf-8")).get("fingerprint"),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "best_val_R@10": state.best,
+        "train_cases": len(usable),
+        "val_cases": len(val_set.usable_indices()),
+        "skipped": {**train_set.failures, **val_set.failures},
+        "wall_s": round(time.perf_counter() - started, 1),
+        "settings": asdict(settings),
+    }
+    (out / "training.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
+    defaults = TrainSettings(manifest="", out="")
+    p = argparse.ArgumentParser(prog="python -m medfinder.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="manifest CSV: case_id,image,report,labels...")
+    p.add_argument("--out", required=True, help="output model folder (best checkpoint; resume state inside)")
+    p.add_argument("--config", default=defaults.config, help="bundled config name or JSON path")
+    p.add_argument("--init", default=None, help="start from this model folder's weights")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--text-lr", type=float, default=None, help="learning rate of a fine-tuned text tower")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+    p.add_argument("--accumulate", type=int, default=defaults.accumulate, help="gradient accumulation steps")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="processes that load and preprocess volumes")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--view-weight", type=float, default=defaults.view_weight,
+                   help="weight of the two-view consistency term (0 = a single view per step)")
+    p.add_argument("--finding-weight", type=float, default=defaults.finding_weight,
+                   help="weight of the auxiliary finding loss on the manifest's label columns (0 = off)")
+    p.add_argument("--full-report-probability", type=float, default=defaults.full_report_probability)
+    p.add_argument("--min-window-fraction", type=float, default=defaults.min_window_fraction)
+    p.add_argument("--no-cache", action="store_true", help="stream volumes instead of keeping them in memory")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on a GPU")
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    a = p.parse_args(argv)
+    if a.epochs < 1 or a.batch_size < 2 or a.accumulate < 1 or a.workers < 0 or a.lr <= 0:
+        p.error("--epochs and --accumulate must be >= 1, --batch-size >= 2, --workers >= 0 and --lr > 0")
+    settings = TrainSettings(
+        manifest=a.manifest, out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
+        lr=a.lr, text_lr=a.text_lr, weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction,
+        accumulate=a.accumulate, workers=a.workers, seed=a.seed, view_weight=a.view_weight,
+        finding_weight=a.finding_weight, full_report_probability=a.full_report_probability,
+        min_window_fraction=a.min_window_fraction, cache=not a.no_cache, amp=not a.no_amp, device=a.device,
+        max_steps=a.max_steps,
+    )
+    return settings, a.resume
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings, resume = parse_args(argv)
+    try:
+        result = train(settings, resume=resume)
+    except MedFinderError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

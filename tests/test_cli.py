@@ -1,0 +1,81 @@
+"""Command-line contracts: JSON shape, exit status 2 with one sentence, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _one_sentence_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_search_json_contract(tiny_index, tiny_model_dir):
+    proc = _run("-m", "medfinder", "search", "--index", str(tiny_index), "--model", str(tiny_model_dir),
+                "--text", "pleural effusion", "-k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert isinstance(results, list) and len(results) == 3
+    assert all({"case_id", "score"} <= set(r) for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+
+def test_search_one_channel_and_image(tiny_index, tiny_model_dir, tiny_corpus):
+    image = next(tiny_corpus.parent.glob("images/*.nii.gz"))
+    proc = _run("-m", "medfinder", "search", "--index", str(tiny_index), "--model", str(tiny_model_dir),
+                "--image", str(image), "--channel", "image", "--json", "-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert results[0]["case_id"] in image.name and set(results[0]["channels"]) == {"image"}
+
+
+def test_search_errors(tiny_index, tiny_model_dir, tmp_path):
+    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tmp_path / "nope"), "--text", "x"),
+                        "nope", "does not exist")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("hello")
+    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--model",
+                             str(tiny_model_dir), "--image", str(bad)), "bad.nii.gz")
+    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--text", "x", "-k", "0"), "-k")
+    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index)), "required")
+    not_index = tmp_path / "empty_folder"
+    not_index.mkdir()
+    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(not_index), "--model",
+                             str(tiny_model_dir), "--text", "x"), "empty_folder")
+
+
+def test_info(tiny_index):
+    proc = _run("-m", "medfinder", "info", "--index", str(tiny_index))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["counts"]["cases"] == 12
+
+
+def test_index_build_cli_adds_then_skips(tiny_corpus, tiny_model_dir, tmp_path):
+    out = tmp_path / "idx"
+    args = ("-m", "index_build", "--manifest", str(tiny_corpus), "--out", str(out), "--model", str(tiny_model_dir),
+            "--quiet")
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["added"] == 12
+    again = json.loads(_run(*args).stdout)
+    assert again["added"] == 0 and again["skipped_already_indexed"] == 12
+
+
+def test_index_build_errors(tmp_path, tiny_model_dir):
+    _one_sentence_error(_run("-m", "index_build", "--manifest", str(tmp_path / "none.csv"), "--out",
+                             str(tmp_path / "o"), "--model", str(tiny_model_dir)), "none.csv")
+    _one_sentence_error(_run("-m", "index_build", "--out", str(tmp_path / "o")), "required")

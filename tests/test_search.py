@@ -1,0 +1,176 @@
+"""The Searcher: fusion, channels, filters, highlights, and index_build's resumable build."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfinder.errors import CaseIndexError, MedFinderError
+from medfinder.search import ChannelHit, Searcher, SearchFilters, fuse_rankings
+
+
+# ------------------------------------------------------------------ fusion on hand-built rankings
+def test_rrf_prefers_cases_several_channels_agree_on():
+    rankings = {
+        "keyword": [("a", 9.0), ("b", 5.0)],
+        "image": [("c", 0.9), ("a", 0.8), ("b", 0.7)],
+        "text": [("b", 0.6), ("a", 0.5)],
+    }
+    fused = fuse_rankings(rankings, {"keyword": 1.0, "image": 1.0, "text": 1.0})
+    assert [c for c, _, _ in fused] == ["a", "b", "c"]
+    a_hits = fused[0][2]
+    assert a_hits["keyword"] == ChannelHit(9.0, 1) and a_hits["image"].rank == 2
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62 + 1 / 62)
+
+
+def test_weights_change_the_order():
+    rankings = {"keyword": [("a", 1.0)], "image": [("b", 0.9)]}
+    assert fuse_rankings(rankings, {"keyword": 1.0, "image": 2.0})[0][0] == "b"
+    assert fuse_rankings(rankings, {"keyword": 2.0, "image": 1.0})[0][0] == "a"
+
+
+def test_weighted_sum_fusion_and_unknown_method():
+    rankings = {"image": [("a", 0.9), ("b", 0.5), ("c", 0.1)], "text": [("c", 0.9), ("b", 0.8), ("a", 0.1)]}
+    order = [c for c, _, _ in fuse_rankings(rankings, {"image": 1.0, "text": 1.0}, method="weighted")]
+    assert order[0] == "b"  # 0.5 + 0.875 beats a (1.0 + 0) and c (0 + 1.0)
+    with pytest.raises(ValueError, match="Unknown fusion"):
+        fuse_rankings(rankings, method="magic")
+
+
+def test_filters():
+    from medfinder.index import CaseRecord
+
+    record = CaseRecord(case_id="x", label=0, report="", source="", shape=None, spacing=None, channels=(),
+                        findings=[{"name": "Pleural effusion", "status": "affirmed"},
+                                  {"name": "Cardiomegaly", "status": "negated"}],
+                        metadata={"sex": "F", "age": 71})
+    assert SearchFilters(include_findings=("Pleural effusion",)).accepts(record)
+    assert not SearchFilters(include_findings=("Cardiomegaly",)).accepts(record)  # negated is not present
+    assert not SearchFilters(exclude_findings=("Pleural effusion",)).accepts(record)
+    assert SearchFilters(sex="F", age_min=70, age_max=80).accepts(record)
+    assert not SearchFilters(sex="M").accepts(record)
+    assert not SearchFilters(age_max=60).accepts(record)
+
+
+# ------------------------------------------------------------------ end to end on a tiny index
+@pytest.fixture(scope="module")
+def searcher(tiny_index, tiny_model_dir):
+    return Searcher.open(tiny_index, tiny_model_dir)
+
+
+def _labels(manifest: Path) -> dict[str, dict[str, str]]:
+    with manifest.open() as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh)}
+
+
+def test_text_search_finds_reports_that_affirm_the_finding(searcher, tiny_corpus):
+    rows = _labels(tiny_corpus)
+    finding = max(("Pleural effusion", "Lung nodule", "Cardiomegaly", "Emphysema", "Atelectasis"),
+                  key=lambda f: sum(r[f] == "1" for r in rows.values()))
+    positives = {c for c, r in rows.items() if r[finding] == "1"}
+    assert positives, "the tiny corpus should contain the finding"
+    results = searcher.search(text=finding.lower(), k=len(positives), channels=["keyword"])
+    assert {r.case_id for r in results} == positives
+    for r in results:
+        assert r.channels["keyword"].rank == r.rank
+        assert any(label == "match" for _, label in r.highlights)
+        assert "".join(text for text, _ in r.highlights) == r.report
+        assert r.thumbnail_png and r.thumbnail_png[:4] == b"\x89PNG"
+
+
+def test_fused_text_search_ranks_every_case_and_carries_channel_scores(searcher):
+    results = searcher.search(text="pleural effusion", k=12)
+    assert len(results) == 12 and [r.rank for r in results] == list(range(1, 13))
+    assert all(results[i].score >= results[i + 1].score for i in range(11))
+    assert all(set(r.channels) <= {"keyword", "text", "image"} for r in results)
+    assert any("image" in r.channels for r in results)
+
+
+def test_exclusion_in_query_and_filters(searcher, tiny_corpus):
+    rows = _labels(tiny_corpus)
+    with_effusion = {c for c, r in rows.items() if r["Pleural effusion"] == "1"}
+    results = searcher.search(text="lung without pleural effusion", k=12)
+    assert not {r.case_id for r in results} & with_effusion
+    results = searcher.search(text="lung", k=12, filters=SearchFilters(include_findings=("Pleural effusion",)))
+    assert {r.case_id for r in results} <= with_effusion
+
+
+def test_image_search_returns_the_query_case_first(searcher, tiny_corpus):
+    first = next(iter(_labels(tiny_corpus).values()))
+    image = tiny_corpus.parent / first["image"]
+    results = searcher.search(image=image, k=3, channels=["image"])
+    assert results[0].case_id == first["case_id"]
+    assert results[0].channels["image"].score == pytest.approx(1.0, abs=1e-3)
+    both = searcher.search(image=image, k=5)
+    assert all(set(r.channels) <= {"image", "report"} for r in both)
+
+
+def test_bad_queries(searcher, tmp_path):
+    with pytest.raises(MedFinderError, match="either a text query or an image"):
+        searcher.search()
+    with pytest.raises(MedFinderError, match="does not apply"):
+        searcher.search(text="effusion", channels=["report"])
+    (tmp_path / "junk.nii.gz").write_text("not an image")
+    with pytest.raises(MedFinderError, match="junk.nii.gz"):
+        searcher.search(image=tmp_path / "junk.nii.gz")
+
+
+def test_other_model_is_refused(tiny_index, tmp_path):
+    import torch
+
+    from medfinder.model import create_model_and_transforms
+
+    torch.manual_seed(1)
+    other, _ = create_model_and_transforms("medfinder-tiny")
+    with pytest.raises(CaseIndexError, match="fingerprint"):
+        Searcher.open(tiny_index, other.save_pretrained(tmp_path / "other"))
+
+
+# ------------------------------------------------------------------ index_build
+def test_build_resumes_after_failure_and_skips_done_cases(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    from index_build import build as build_module
+    from medfinder.datasets import read_manifest
+    from medfinder.index import CaseIndex
+
+    records = read_manifest(tiny_corpus)
+    out = tmp_path / "index"
+    calls = {"n": 0}
+    real_add = CaseIndex.add
+
+    def failing_add(self, entries):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash half-way through the build")
+        return real_add(self, entries)
+
+    monkeypatch.setattr(CaseIndex, "add", failing_add)
+    with pytest.raises(RuntimeError):
+        build_module.build_index(records, out, model_dir=tiny_model_dir, batch_size=4, commit_every_s=0.0,
+                                 progress=False)
+    monkeypatch.setattr(CaseIndex, "add", real_add)
+    with CaseIndex.open(out) as index:
+        assert len(index) == 4  # the first batch was committed before the crash
+    summary = build_module.build_index(records, out, model_dir=tiny_model_dir, batch_size=4, progress=False)
+    assert summary.skipped_done == 4 and summary.added == 8
+    with CaseIndex.open(out) as index:
+        assert index.case_ids() == {r.case_id for r in records}
+
+
+def test_build_logs_and_counts_broken_cases(tiny_model_dir, tiny_corpus, tmp_path):
+    from index_build.build import build_index
+    from medfinder.datasets import CaseRecord
+
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    records = [
+        CaseRecord("ok", tiny_corpus.parent / next(iter(_labels(tiny_corpus).values()))["image"], "No effusion."),
+        CaseRecord("broken", tmp_path / "broken.nii.gz", "Right pleural effusion."),
+        CaseRecord("missing", tmp_path / "absent.nii.gz", ""),
+        CaseRecord("report-only", None, "Small left pleural effusion."),
+    ]
+    summary = build_index(records, tmp_path / "idx", model_dir=tiny_model_dir, progress=False)
+    assert summary.added == 2 and set(summary.failed) == {"broken", "missing"}
+    assert "broken.nii.gz" in summary.failed["broken"]

@@ -1,0 +1,97 @@
+"""Training: augmentation keeps laterality, report sampling, and a tiny two-step run with resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from test_datasets import write_tiny_corpus
+
+from medfinder.datasets import split_of
+from medfinder.model import MedFinder, split_sentences
+from medfinder.train import (
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    STATE_FILE,
+    TrainSettings,
+    augment_volumes,
+    main,
+    sample_report,
+    train,
+)
+
+
+@pytest.mark.parametrize("rotate, scale", [(6.0, 0.05), (0.0, 0.0)], ids=["affine", "shift"])
+def test_augmentation_never_mirrors_left_and_right(rotate: float, scale: float) -> None:
+    images = torch.zeros(6, 2, 32, 32, 24)
+    images[:, :, 24:28, 14:18, 10:14] = 1.0  # a bright spot on the patient's right (high x in RAS)
+    settings = TrainSettings(manifest="", out="", rotate_degrees=rotate, scale_range=scale)
+    out = augment_volumes(images, settings, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    right = out[:, :, 21:31, 11:21, 7:17].mean(dim=(1, 2, 3, 4))
+    mirrored = out[:, :, 1:11, 11:21, 7:17].mean(dim=(1, 2, 3, 4))
+    assert bool((right - mirrored > 0.03).all())  # the spot covers 6 % of the right box
+    assert not torch.allclose(out[0], out[1])  # each volume gets its own transform
+
+
+def test_sample_report_returns_a_contiguous_window_of_sentences() -> None:
+    report = "Findings: one. Two. Three. Four. Five. Six."
+    sentences = split_sentences(report)
+    rng = random.Random(0)
+    windows = [sample_report(report, rng, full_probability=0.0, min_fraction=0.5) for _ in range(50)]
+    for window in windows:
+        parts = split_sentences(window)
+        assert len(parts) >= 3
+        start = sentences.index(parts[0])
+        assert sentences[start : start + len(parts)] == parts
+    assert len(set(windows)) > 3
+    assert sample_report(report, rng, full_probability=1.0, min_fraction=0.5) == report
+
+
+def _saved_weights_checksum(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["weights_sha256"]
+
+
+def test_two_step_training_writes_a_checkpoint_and_resumes(tmp_path: Path) -> None:
+    missing = next(f"missing-{i}" for i in range(100) if split_of(f"missing-{i}") == "train")
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=14, extra_rows=[
+        [missing, "images/absent.nii.gz", "Right pleural effusion.", 1, 0, "F", 60],
+    ])
+    out = tmp_path / "model"
+    settings = TrainSettings(manifest=str(manifest), out=str(out), config="medfinder-tiny", epochs=3,
+                             batch_size=4, max_steps=1, finding_weight=1.0)
+    first = train(settings)
+    assert first["steps"] == 1
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / CHECKPOINT_DIR / STATE_FILE).is_file()
+    assert "absent.nii.gz" not in first["skipped"] and missing in first["skipped"]
+    state = torch.load(out / CHECKPOINT_DIR / STATE_FILE, weights_only=True)
+    assert state["state"]["step"] == 1
+    after_one_step = _saved_weights_checksum(out / CHECKPOINT_DIR)
+
+    settings.max_steps = 2
+    second = train(settings, resume=True)
+    assert second["steps"] == 2
+    state = torch.load(out / CHECKPOINT_DIR / STATE_FILE, weights_only=True)
+    assert state["state"]["step"] == 2 and state["state"]["epoch"] == 2
+    assert state["scheduler"]["last_epoch"] == 2  # the learning-rate schedule continued, not restarted
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert _saved_weights_checksum(out / CHECKPOINT_DIR) != after_one_step
+    assert MedFinder.from_pretrained(out).fingerprint == second["fingerprint"]
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
+
+
+def test_cli_reports_a_missing_manifest_in_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--manifest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"The manifest {tmp_path / 'absent.csv'} does not exist."
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
+    code = main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny", "--resume"])
+    assert code == 2 and "Cannot resume" in capsys.readouterr().err
