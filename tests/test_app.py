@@ -27,6 +27,7 @@ def served_app(tiny_index, tiny_model_dir):
     import app as app_module
 
     app_module._searcher = None  # load this test's index, not the demo's
+    app_module._example_paths = {}  # and do not generate the demo's example scans
     app_module.searcher()
     blocks = app_module.build_app()
     blocks.queue(default_concurrency_limit=4)
