@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -27,6 +28,10 @@ def run_guarded(main: Callable[[], int]) -> int:
     """Run a CLI main, turning the errors a user can act on into the exit-2 contract."""
     try:
         return main()
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours; stop writing quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MedFinderError as exc:
         fail(str(exc))
     except FileNotFoundError as exc:

@@ -282,6 +282,27 @@ class ImageTower(nn.Module):
             )
             self.dim = int(config.get("hidden_size", 768))
         self.is_vit = backbone == "vit"
+        # Pooling of the last CNN feature map: "avg" (plain ResNet), "max", or "avgmax" (both,
+        # concatenated: small findings such as a nodule fire in a few positions, which an
+        # average dilutes). ``pool_grid`` pools each of a few regions separately, e.g. [2, 1, 2]
+        # = right/left x upper/lower, so "right lower lobe" has its own features.
+        self.pooling = str(config.get("pooling", "avg"))
+        self.pool_grid = tuple(int(g) for g in config.get("pool_grid", (1, 1, 1)))
+        if self.pooling not in ("avg", "max", "avgmax") or len(self.pool_grid) != 3 or min(self.pool_grid) < 1:
+            raise ModelError(
+                f"Image pooling {self.pooling!r} with grid {list(self.pool_grid)} is not supported; "
+                "use 'avg', 'max' or 'avgmax' with three positive grid sizes."
+            )
+        if not self.is_vit:
+            regions = self.pool_grid[0] * self.pool_grid[1] * self.pool_grid[2]
+            self.dim *= regions * (2 if self.pooling == "avgmax" else 1)
+
+    def _resnet_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        x = net.act(net.bn1(net.conv1(x)))
+        if not net.no_max_pool:
+            x = net.maxpool(x)
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.coordinates is not None:
@@ -289,7 +310,41 @@ class ImageTower(nn.Module):
         if self.is_vit:
             tokens, _ = self.backbone(x)
             return tokens.mean(dim=1)
-        return self.backbone(x)
+        features = self._resnet_feature_map(x)
+        pooled = []
+        if self.pooling in ("avg", "avgmax"):
+            pooled.append(F.adaptive_avg_pool3d(features, self.pool_grid).flatten(1))
+        if self.pooling in ("max", "avgmax"):
+            pooled.append(F.adaptive_max_pool3d(features, self.pool_grid).flatten(1))
+        return torch.cat(pooled, dim=1)
+
+
+class Centering(nn.Module):
+    """Subtracts a running mean of the embeddings before they are L2-normalised.
+
+    Most of a report is boilerplate shared by every study ("No pneumothorax.", the technique
+    line), and a fresh CNN gives every volume a similar feature; without centering all reports
+    (and all images) start within cosine 0.99 of each other and contrastive training barely
+    moves. The mean is tracked from training batches only (``update=True``), like a BatchNorm
+    running mean, and frozen at inference.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor, update: bool = True) -> torch.Tensor:
+        if self.training and update and x.shape[0] > 1:
+            with torch.no_grad():
+                mean = x.detach().float().mean(dim=0)
+                if bool(self.initialized):
+                    self.center.lerp_(mean, self.momentum)
+                else:
+                    self.center.copy_(mean)
+                    self.initialized.fill_(True)
+        return x - self.center.to(x.dtype)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Module:
@@ -338,13 +393,20 @@ class MedFinder(nn.Module):
         hidden = int(proj.get("hidden", 512))
         self.image_projection = _projection(proj.get("image", "linear"), self.image.dim, self.embed_dim, hidden)
         self.text_projection = _projection(proj.get("text", "linear"), self.text_dim, self.embed_dim, hidden)
+        self.centering = bool(cfg.get("centering", False))
+        if self.centering:
+            self.image_centering = Centering(self.embed_dim)
+            self.text_centering = Centering(self.embed_dim)
         init_temperature = float(cfg.get("init_temperature", 0.07))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
     # ----- differentiable paths used by training
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, images: torch.Tensor, update_center: bool = True) -> torch.Tensor:
         """(B, D) L2-normalised joint-space image embeddings, with gradients."""
-        return F.normalize(self.image_projection(self.image(images)).float(), dim=-1)
+        projected = self.image_projection(self.image(images)).float()
+        if self.centering:
+            projected = self.image_centering(projected, update_center)
+        return F.normalize(projected, dim=-1)
 
     def _split(self, texts: list[str]) -> tuple[list[str], torch.Tensor]:
         if self.report_pooling == "whole":
@@ -364,11 +426,16 @@ class MedFinder(nn.Module):
         counts = torch.bincount(owner, minlength=n).clamp(min=1).to(values.dtype)
         return total / counts.unsqueeze(-1)
 
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        """(B, D) L2-normalised joint-space text embeddings, with gradients."""
+    def embed_text(self, texts: list[str], update_center: bool = True) -> torch.Tensor:
+        """(B, D) L2-normalised joint-space text embeddings, with gradients.
+
+        ``update_center=False`` for texts that are not a sample of reports (finding names).
+        """
         pieces, owner = self._split(list(texts))
-        projected = self.text_projection(self.text(pieces))
-        return F.normalize(self._segment_mean(projected, owner, len(texts)).float(), dim=-1)
+        projected = self._segment_mean(self.text_projection(self.text(pieces)), owner, len(texts)).float()
+        if self.centering:
+            projected = self.text_centering(projected, update_center)
+        return F.normalize(projected, dim=-1)
 
     def raw_text_features(self, texts: list[str]) -> torch.Tensor:
         pieces, owner = self._split(list(texts))

@@ -315,7 +315,7 @@ def train(
                 if n_views == 2:
                     loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
                 if finding_names:
-                    finding_embeds = model.embed_text(finding_names)
+                    finding_embeds = model.embed_text(finding_names, update_center=False)
                     labels = batch["labels"].to(device)
                     mask = batch["label_mask"].to(device)
                     finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
