@@ -11,6 +11,8 @@ import html
 import io
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -367,6 +369,8 @@ def build_app() -> gr.Blocks:
 
 
 def main() -> None:
+    # A plain SIGTERM would skip atexit and leave the upload folder behind; exit through Python.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     searcher()  # load (or build) the index before the first user arrives
     app = build_app()
     app.queue(default_concurrency_limit=4, max_size=64)
