@@ -11,15 +11,7 @@ from pathlib import Path
 
 from medfinder.datasets import CaseRecord
 from medfinder.errors import ManifestError
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
+from medfinder.volume import is_dicom_file
 
 
 def read_dicom_tree(root: str | Path) -> list[CaseRecord]:
@@ -27,7 +19,7 @@ def read_dicom_tree(root: str | Path) -> list[CaseRecord]:
     if not root.is_dir():
         raise ManifestError(f"The DICOM tree {root} does not exist or is not a folder.")
     records = []
-    for folder in sorted({p.parent for p in root.rglob("*") if p.is_file() and not p.is_symlink() and _is_dicom(p)}):
+    for folder in sorted({p.parent for p in root.rglob("*") if p.is_file() and not p.is_symlink() and is_dicom_file(p)}):
         key = folder.relative_to(root).as_posix()
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         case_id = f"dicom-{digest}"

@@ -119,7 +119,7 @@ def load_volume(
         return _load_nrrd(p, max_voxels)
     if lower.endswith((".npy", ".npz")):
         return _load_numpy(p, spacing or DEFAULT_NUMPY_SPACING, assumed=spacing is None, max_voxels=max_voxels)
-    if lower.endswith(".dcm") or _is_dicom_file(p):
+    if lower.endswith(".dcm") or is_dicom_file(p):
         return _load_dicom_files([p], max_voxels, label=name)
     raise UnreadableVolumeError(
         f"{name}: unsupported file type; expected .nii/.nii.gz, a DICOM folder or .zip, .nrrd, or .npy/.npz."
@@ -406,7 +406,8 @@ class _Slice:
     header: Any
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 preamble ('DICM' at byte 128)."""
     try:
         with path.open("rb") as fh:
             fh.seek(128)

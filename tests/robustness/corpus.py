@@ -64,26 +64,24 @@ def _giant_header(d: Path) -> Path:
     return d / "giant.nii"
 
 
-def _bad_vox_offset(d: Path) -> Path:
+def _raw_nifti(path: Path, pixdim: list[float], vox_offset: int) -> Path:
+    """Header bytes written by hand: nibabel's writer would repair the very faults under test."""
     data = _body()
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(data.shape)
     hdr.set_data_dtype(np.int16)
-    hdr["pixdim"] = [1, 1, 1, 1, 1, 1, 1, 1]
-    hdr["vox_offset"] = 10_000_000  # points far past the end of the file
-    (d / "voxoffset.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
-    return d / "voxoffset.nii"
+    hdr["pixdim"] = pixdim
+    hdr["vox_offset"] = vox_offset
+    path.write_bytes(hdr.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
+    return path
+
+
+def _bad_vox_offset(d: Path) -> Path:
+    return _raw_nifti(d / "voxoffset.nii", [1, 1, 1, 1, 1, 1, 1, 1], 10_000_000)  # far past the end of the file
 
 
 def _zero_spacing(d: Path) -> Path:
-    data = _body()
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(np.int16)
-    hdr["pixdim"] = [1, 0, 0, 0, 1, 1, 1, 1]
-    hdr["vox_offset"] = 352
-    (d / "zerospacing.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
-    return d / "zerospacing.nii"
+    return _raw_nifti(d / "zerospacing.nii", [1, 0, 0, 0, 1, 1, 1, 1], 352)
 
 
 def _floats(value: float, name: str) -> Callable[[Path], Path]:
