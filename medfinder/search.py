@@ -245,7 +245,7 @@ class Searcher:
         results = []
         for position, (case_id, score, hits) in enumerate(page, start=offset + 1):
             record = records[case_id]
-            marks = highlight(query, record.report) if record.report else []
+            marks = highlight(query, _stored_report(record)) if record.report else []
             results.append(SearchResult(
                 case_id=case_id, rank=position, score=score, channels=hits, report=record.report,
                 highlights=marks, findings=record.findings, metadata=record.metadata, source=record.source,
@@ -255,6 +255,19 @@ class Searcher:
 
     def case(self, case_id: str) -> CaseRecord:
         return self.index.get(case_id)
+
+
+def _stored_report(record: CaseRecord) -> Any:
+    """The report as parsed at indexing time: re-parsing ten reports per query would cost more
+    than the whole search (about 5 ms each); falls back to parsing when spans were not stored."""
+    from .reports import Finding, Report, parse_report
+
+    if any(f.get("start") is None or f.get("end") is None for f in record.findings):
+        return parse_report(record.report)
+    findings = [Finding(name=f["name"], text=record.report[f["start"]:f["end"]], start=f["start"], end=f["end"],
+                        status=f["status"], laterality=f.get("laterality"), section="")
+                for f in record.findings]
+    return Report(text=record.report, findings=findings)
 
 
 def _merge_query_filters(filters: SearchFilters, query: Any) -> SearchFilters:
