@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ CSS = """
 """
 
 _searcher: Searcher | None = None
+_upload_lock = threading.Lock()
+_uploads_in_use: dict[str, int] = {}
 
 
 def searcher() -> Searcher:
@@ -164,15 +167,24 @@ def load_query(files: Any, example: str | None) -> Volume:
         paths = [str(_examples()[example])]
     if not paths:
         raise gr.Error("Upload a CT (.nii/.nii.gz, DICOM .zip or files, .nrrd) or pick an example first.")
+    uploads = [p for p in paths if Path(p).resolve().is_relative_to(_UPLOAD_DIR.resolve())]
+    with _upload_lock:
+        for p in uploads:
+            _uploads_in_use[p] = _uploads_in_use.get(p, 0) + 1
     try:
         target: Any = paths if len(paths) > 1 else paths[0]
         return load_volume(target)
     except MedFinderError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     finally:
-        for p in paths:
-            if Path(p).resolve().is_relative_to(_UPLOAD_DIR.resolve()):
-                Path(p).unlink(missing_ok=True)
+        # Gradio stores identical uploads at one path, so a file is deleted only once no
+        # request still reads it.
+        with _upload_lock:
+            for p in uploads:
+                _uploads_in_use[p] -= 1
+                if not _uploads_in_use[p]:
+                    del _uploads_in_use[p]
+                    Path(p).unlink(missing_ok=True)
 
 
 def search_text(query: str, include: list[str] | None, exclude: list[str] | None, sex: str,

@@ -11,10 +11,12 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,9 +90,16 @@ def main() -> None:
         lock = threading.Lock()
         stop_at = time.monotonic() + args.seconds
 
+        scratch = Path(tempfile.mkdtemp(prefix="app-load-"))
+
         def worker(seed: int) -> None:
             rng = random.Random(seed)
             c = Client(url, verbose=False)
+            # Each client uploads its own scan (a byte-different copy), as different users would.
+            own = scratch / f"client{seed}_{image.name}"
+            shutil.copy(image, own)
+            with open(own, "ab") as fh:
+                fh.write(b"\0" * (seed + 1))  # trailing bytes after the gzip stream: a distinct file
             while time.monotonic() < stop_at:
                 kind = "image" if rng.random() < args.image_share else "text"
                 t = time.perf_counter()
@@ -98,7 +107,7 @@ def main() -> None:
                     if kind == "text":
                         c.predict(rng.choice(QUERIES), [], [], "any", 0, 100, 10, api_name="/search_text")
                     else:
-                        c.predict(handle_file(str(image)), "Similar cases", 10, api_name="/search_image")
+                        c.predict(handle_file(str(own)), "Similar cases", 10, api_name="/search_image")
                     with lock:
                         latencies[kind].append(time.perf_counter() - t)
                 except Exception as exc:  # counted, never fatal: that is what we measure
@@ -128,6 +137,8 @@ def main() -> None:
             "peak_rss_mb": round(peak_rss / 1e6, 1),
         }, indent=2))
     finally:
+        if "scratch" in locals():
+            shutil.rmtree(scratch, ignore_errors=True)
         server.terminate()
         try:
             server.wait(timeout=30)
