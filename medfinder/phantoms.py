@@ -170,6 +170,23 @@ class _Shape:
         raise NotImplementedError
 
 
+class _OrientedShape(_Shape):
+    """A shape with a centre ``c`` and an optional rotation ``rot`` (columns: its local axes)."""
+
+    c: np.ndarray
+    rot: np.ndarray | None
+
+    def _local(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Patient coordinates to the shape's own frame (centred, then rotated)."""
+        px, py, pz = x - np.float32(self.c[0]), y - np.float32(self.c[1]), z - np.float32(self.c[2])
+        if self.rot is not None:
+            m = self.rot.astype(np.float32)
+            px, py, pz = (px * m[0, 0] + py * m[1, 0] + pz * m[2, 0],
+                          px * m[0, 1] + py * m[1, 1] + pz * m[2, 1],
+                          px * m[0, 2] + py * m[1, 2] + pz * m[2, 2])
+        return px, py, pz
+
+
 class _Capsule(_Shape):
     """A tube segment with radii ra at a and rb at b (vessels, airways, ribs, wires)."""
 
@@ -194,7 +211,7 @@ class _Capsule(_Shape):
         return d - (np.float32(self.ra) + t * np.float32(self.rb - self.ra))
 
 
-class _Ellipsoid(_Shape):
+class _Ellipsoid(_OrientedShape):
     """An ellipsoid, optionally rotated (columns of ``rot`` are its axes in the patient frame)."""
 
     def __init__(self, c: Sequence[float], radii: Sequence[float], rot: np.ndarray | None = None):
@@ -205,18 +222,13 @@ class _Ellipsoid(_Shape):
         self.lo, self.hi = self.c - half, self.c + half
 
     def sd(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        px, py, pz = x - np.float32(self.c[0]), y - np.float32(self.c[1]), z - np.float32(self.c[2])
-        if self.rot is not None:
-            m = self.rot.astype(np.float32)
-            px, py, pz = (px * m[0, 0] + py * m[1, 0] + pz * m[2, 0],
-                          px * m[0, 1] + py * m[1, 1] + pz * m[2, 1],
-                          px * m[0, 2] + py * m[1, 2] + pz * m[2, 2])
+        px, py, pz = self._local(x, y, z)
         ix, iy, iz = (np.float32(1.0 / v) for v in self.r)
         f = (px * ix) ** 2 + (py * iy) ** 2 + (pz * iz) ** 2
         return (np.sqrt(f) - 1.0) * np.float32(self.r.min())
 
 
-class _Box(_Shape):
+class _Box(_OrientedShape):
     """A box with rounded edges (sternum, pacemaker generator, port chamber)."""
 
     def __init__(self, c: Sequence[float], half: Sequence[float], round_mm: float = 1.0,
@@ -229,12 +241,7 @@ class _Box(_Shape):
         self.lo, self.hi = self.c - ext, self.c + ext
 
     def sd(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        px, py, pz = x - np.float32(self.c[0]), y - np.float32(self.c[1]), z - np.float32(self.c[2])
-        if self.rot is not None:
-            m = self.rot.astype(np.float32)
-            px, py, pz = (px * m[0, 0] + py * m[1, 0] + pz * m[2, 0],
-                          px * m[0, 1] + py * m[1, 1] + pz * m[2, 1],
-                          px * m[0, 2] + py * m[1, 2] + pz * m[2, 2])
+        px, py, pz = self._local(x, y, z)
         r = np.float32(self.round)
         qx = np.abs(px) - np.float32(self.h[0] - self.round)
         qy = np.abs(py) - np.float32(self.h[1] - self.round)
