@@ -100,16 +100,33 @@ def _as_number(value: str) -> Any:
     return value
 
 
+def _where_not_utf8(path: Path) -> str:
+    """'byte 0xe9 on line 17': the first byte of the file that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} on line {line}"
+    except OSError:
+        pass
+    return "an undecodable byte"
+
+
 def _open_csv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise ManifestError(f"The {what} {path} does not exist.")
+    # csv refuses fields over 128 KiB by default, which would fail the whole file over one huge
+    # report; the report engine refuses that case alone, with its reason, instead.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
             columns = [c.strip() for c in (reader.fieldnames or [])]
     except UnicodeDecodeError:
-        raise ManifestError(f"The {what} {path} is not UTF-8 text.") from None
+        raise ManifestError(f"The {what} {path} is not UTF-8 text ({_where_not_utf8(path)}); "
+                            "save it as UTF-8.") from None
     except (OSError, csv.Error) as exc:
         raise ManifestError(f"The {what} {path} cannot be read as CSV ({exc}).") from None
     rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in rows]

@@ -618,7 +618,15 @@ def _stack_series(series: list[_Slice], max_voxels: int, label: str, n_series: i
 
 
 def _safe_header_fields(ds: Any) -> dict[str, Any]:
-    """Only non-identifying fields; the study date is kept as a year alone."""
+    """Only non-identifying fields, read from a de-identified copy; the study date as a year alone.
+
+    The year is taken before de-identification because dicognito shifts dates back by up to two
+    years; a year alone identifies no one (HIPAA safe harbour keeps it).
+    """
+    from .deidentify import deidentified_header
+
+    date = str(ds.get("StudyDate", "") or "")
+    ds = deidentified_header(ds)
     out: dict[str, Any] = {}
     for tag, key in _SAFE_DICOM_FIELDS.items():
         value = ds.get(tag)
@@ -633,7 +641,6 @@ def _safe_header_fields(ds: Any) -> dict[str, Any]:
             out[key] = "\\".join(str(v) for v in value)
         else:
             out[key] = str(value)
-    date = str(ds.get("StudyDate", "") or "")
     if len(date) >= 4 and date[:4].isdigit():
         out["study_year"] = int(date[:4])
     return out

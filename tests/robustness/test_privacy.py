@@ -53,3 +53,42 @@ def test_dicom_identifiers_never_reach_the_index_or_cli(tmp_path, tiny_model_dir
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and json.loads(check.stdout)[0]["metadata"]["study_year"] == 2019
     _assert_clean(check.stdout + check.stderr, "check output")
+
+
+def test_headers_are_deidentified_before_the_allow_list_reads_them(tmp_path):
+    """Defence in depth: even a field that names a person or sits in a private tag is gone."""
+    import pydicom
+
+    from medfinder.deidentify import deidentified_header
+
+    path = write_series(tmp_path / "s", n=2)[0]
+    ds = pydicom.dcmread(path)
+    ds.PatientAddress = "12 Fake Street, Faketown"
+    ds.OperatorsName = "Fakeoperator^Olga"
+    ds.StudyID = "FAKE-STUDY-991"
+    block = ds.private_block(0x0029, "FAKE VENDOR", create=True)
+    block.add_new(0x01, "LO", "FAKE-ID-493817 private copy")
+    header = deidentified_header(ds)
+
+    text = "\n".join(str(e.value) for e in header.iterall() if e.VR not in ("OB", "OW", "SQ"))
+    for value in PHI_VALUES + ["12 Fake Street", "Fakeoperator", "FAKE-STUDY-991", "FAKE VENDOR"]:
+        assert value not in text, f"{value!r} survived de-identification"
+    assert "PixelData" not in header and not any(e.tag.is_private for e in header.iterall())
+    assert header.Modality == "CT" and header.Rows == ds.Rows  # technical fields are kept
+    # The original is untouched: its pixels are still decoded by the loader afterwards.
+    assert str(ds.PatientName) == FAKE_PHI["PatientName"] and "PixelData" in ds
+
+
+def test_loaded_volume_metadata_comes_from_the_deidentified_header(tmp_path, monkeypatch):
+    import medfinder.deidentify as deid
+    from medfinder.volume import load_volume
+
+    seen = []
+    original = deid.deidentified_header
+    monkeypatch.setattr(deid, "deidentified_header", lambda ds: seen.append(1) or original(ds))
+    folder = tmp_path / "series"
+    write_series(folder, n=6)
+    volume = load_volume(folder)
+    assert seen, "the loader read header fields without de-identifying them first"
+    assert volume.metadata["modality"] == "CT" and volume.metadata["study_year"] == 2019
+    _assert_clean(json.dumps(volume.metadata), "the volume metadata")
