@@ -246,6 +246,13 @@ def _examples() -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------ layout
+# Loading and encoding a CT keeps both cores busy for a second; two at once only slow each other
+# and starve the text searches queued behind them. So CT queries share one worker of their own,
+# and text searches (a few ms of CPU each) keep the default pool to themselves.
+CT_QUEUE = {"concurrency_id": "ct_query", "concurrency_limit": 1}
+TEXT_CONCURRENCY = 8
+
+
 def build_app() -> gr.Blocks:
     # delete_cache: every 10 min, remove cached files older than 1 h (uploads are also deleted on read).
     with gr.Blocks(title="MedFinder — similar-case search for CT", delete_cache=(600, 3600),
@@ -349,7 +356,7 @@ def build_app() -> gr.Blocks:
 
         image_button.click(on_image, [upload, example, mode, *view_inputs],
                            [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
-                            shown], api_visibility="private")
+                            shown], api_visibility="private", **CT_QUEUE)
 
         def on_select(results, pl, pos, w, l, evt: gr.SelectData):
             i = evt.index if isinstance(evt.index, int) else evt.index[0]
@@ -373,7 +380,8 @@ def build_app() -> gr.Blocks:
         api_case = gr.Textbox(visible=False)
         gr.Button(visible=False).click(search_text, [query, include, exclude, sex, age_min, age_max, api_k], api_out,
                                        api_name="search_text")
-        gr.Button(visible=False).click(search_image, [api_file, api_mode, api_k], api_out, api_name="search_image")
+        gr.Button(visible=False).click(search_image, [api_file, api_mode, api_k], api_out, api_name="search_image",
+                                       **CT_QUEUE)
         gr.Button(visible=False).click(case_details, [api_case], api_out, api_name="case_details")
 
         demo.unload(lambda: None)  # session state (the loaded CT) is dropped with the session
@@ -385,7 +393,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     searcher()  # load (or build) the index before the first user arrives
     app = build_app()
-    app.queue(default_concurrency_limit=4, max_size=64)
+    app.queue(default_concurrency_limit=TEXT_CONCURRENCY, max_size=64)
     app.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
