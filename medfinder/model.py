@@ -490,6 +490,23 @@ class MedFinder(nn.Module):
         out = self._batched(self.raw_text_features, texts, batch_size)
         return out if len(texts) else torch.empty(0, self.text_dim)
 
+    def encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(joint-space embedding, raw text-tower embedding) of one query, from one tower pass.
+
+        A text search needs both; running the language model twice would double its cost.
+        """
+        def both(texts: list[str]) -> torch.Tensor:
+            pieces, owner = self._split(texts)
+            raw = self.text(pieces)
+            joint = self._segment_mean(self.text_projection(raw), owner, len(texts)).float()
+            if self.centering:
+                joint = self.text_centering(joint, update=False)
+            pooled_raw = self._segment_mean(raw, owner, len(texts)).float()
+            return torch.cat([F.normalize(joint, dim=-1), F.normalize(pooled_raw, dim=-1)], dim=1)
+
+        out = self._batched(both, [text], 1)[0]
+        return out[: self.embed_dim], out[self.embed_dim :]
+
     def make_preprocessor(self) -> Preprocessor:
         return Preprocessor(self.preprocess_config)
 

@@ -218,12 +218,14 @@ class Searcher:
             assert text is not None
             if "keyword" in wanted:
                 rankings["keyword"] = self.index.keyword_search(query if query is not None else text, n)
-            if "text" in wanted and "report_text" in available:
-                vec = self.model.text_features([text])[0].numpy()
-                rankings["text"] = self.index.query("report_text", vec, n)
-            if "image" in wanted and "image" in available:
-                vec = self.model.encode_text([text])[0].numpy()
-                rankings["image"] = self.index.query("image", vec, n)
+            needs_text = "text" in wanted and "report_text" in available
+            needs_image = "image" in wanted and "image" in available
+            if needs_text or needs_image:
+                joint, raw = (v.numpy() for v in self.model.encode_query(text))
+                if needs_text:
+                    rankings["text"] = self.index.query("report_text", raw, n)
+                if needs_image:
+                    rankings["image"] = self.index.query("image", joint, n)
         else:
             volume = image if isinstance(image, Volume) else load_volume(image)
             vec = self.encode_volume(volume)
@@ -237,7 +239,11 @@ class Searcher:
                  query: Any) -> list[SearchResult]:
         from .reports import highlight
 
+        # Without filters only the page's records are read: reading and decoding every candidate's
+        # report and findings from SQLite cost more than the rest of a search at 10^5 cases.
         ids = [case_id for case_id, _, _ in fused]
+        if not filters.active:
+            ids = ids[: offset + k + 5]  # a few spare in case a candidate was deleted meanwhile
         records = {r.case_id: r for r in self.index.get_many(ids, thumbnails=False)}
         kept = [(c, s, h) for c, s, h in fused if c in records and filters.accepts(records[c])]
         page = kept[offset : offset + k]

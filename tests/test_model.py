@@ -68,6 +68,15 @@ def test_sentence_pooling_ignores_sentence_order(tiny: tuple[MedFinder, Preproce
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_query_encoding_in_one_pass_matches_the_separate_encoders(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    # Sentences no other test encodes: the frozen tower caches outputs per sentence.
+    query = "Loculated right effusion, query test. Trace left apical pneumothorax, query test."
+    joint, raw = model.encode_query(query)
+    assert torch.allclose(joint, model.encode_text([query])[0], atol=1e-5)
+    assert torch.allclose(raw, model.text_features([query])[0], atol=1e-5)
+
+
 def test_split_sentences_keeps_decimals_and_handles_empty_reports() -> None:
     assert split_sentences("Nodule of 3.5 mm in the right lobe. No effusion!\nImpression: stable") == [
         "Nodule of 3.5 mm in the right lobe.", "No effusion!", "Impression: stable"]
