@@ -403,7 +403,11 @@ class MedFinder(nn.Module):
     # ----- differentiable paths used by training
     def embed_image(self, images: torch.Tensor, update_center: bool = True) -> torch.Tensor:
         """(B, D) L2-normalised joint-space image embeddings, with gradients."""
-        projected = self.image_projection(self.image(images)).float()
+        return self.embed_image_features(self.image(images), update_center)
+
+    def embed_image_features(self, features: torch.Tensor, update_center: bool = True) -> torch.Tensor:
+        """Joint-space embeddings from image-tower features (training with a locked tower reuses them)."""
+        projected = self.image_projection(features).float()
         if self.centering:
             projected = self.image_centering(projected, update_center)
         return F.normalize(projected, dim=-1)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
@@ -62,6 +63,9 @@ class TrainSettings:
     seed: int = 0
     view_weight: float = 0.5
     finding_weight: float = 0.0
+    label_head_weight: float = 0.0  # a training-only linear classifier on image-tower features
+    lock_image: bool = False  # LiT: train projections and temperature on cached image-tower features
+    feature_views: int = 4  # augmented views per volume cached when the image tower is locked
     full_report_probability: float = 0.5
     min_window_fraction: float = 0.5
     translate_voxels: float = 4.0
@@ -149,8 +153,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings) -> list[dict[str, Any]]:
-    decay, no_decay, text = [], [], []
+def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings,
+                  label_head: nn.Module | None = None) -> list[dict[str, Any]]:
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    text: list[Any] = []
+    if label_head is not None:
+        decay.append(label_head.weight)
+        no_decay.append(label_head.bias)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -196,13 +206,15 @@ class _State:
 
 
 def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any, finding_loss: FindingLoss,
-                     state: _State, settings: TrainSettings, rngs: dict[str, Any]) -> None:
+                     state: _State, settings: TrainSettings, rngs: dict[str, Any],
+                     label_head: nn.Module | None = None) -> None:
     folder = out / CHECKPOINT_DIR
     model.save_pretrained(folder)
     payload = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "finding_loss": finding_loss.state_dict(),
+        "label_head": label_head.state_dict() if label_head is not None else None,
         "state": asdict(state),
         "settings": asdict(settings),
         "rngs": rngs,
@@ -210,6 +222,39 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
     tmp = folder / (STATE_FILE + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(folder / STATE_FILE)
+
+
+def feature_bank(model: MedFinder, dataset: CaseDataset, indices: Sequence[int], settings: TrainSettings,
+                 generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(views, N, D) image-tower features of ``indices``: view 0 as is, the others augmented.
+
+    With the tower locked its features never change, so each volume goes through the CNN
+    ``feature_views`` times in all instead of once per epoch: training the projections then
+    costs milliseconds per step, and hundreds of epochs fit in the time of one.
+    """
+    from tqdm.auto import tqdm
+
+    model.image.eval()
+    views = []
+    with torch.inference_mode():
+        for view in tqdm(range(max(1, settings.feature_views)), desc="image features", unit="view", leave=False):
+            chunks = []
+            for start in range(0, len(indices), settings.batch_size):
+                batch = collate_cases([dataset[i] for i in indices[start : start + settings.batch_size]])
+                images = batch["image"].to(device).float()
+                if view > 0:
+                    images = augment_volumes(images, settings, generator)
+                chunks.append(model.image(images).float())
+            views.append(torch.cat(chunks))
+    return torch.stack(views)
+
+
+def _feature_batches(n: int, batch_size: int, views: int, generator: torch.Generator) -> list[tuple[list[int], torch.Tensor]]:
+    """One epoch of (positions, view per position) batches over a feature bank of n volumes."""
+    order = torch.randperm(n, generator=generator).tolist()
+    size = min(batch_size, n)
+    return [(order[start : start + size], torch.randint(0, views, (size,), generator=generator))
+            for start in range(0, n - size + 1, size)]
 
 
 # --------------------------------------------------------------------------- training
@@ -243,7 +288,8 @@ def train(
     records = list(records) if records is not None else read_manifest(settings.manifest)
     train_records = select_split(records, "train")
     val_records = select_split(records, "val")
-    finding_names = finding_names_of(train_records) if settings.finding_weight > 0 else []
+    wants_labels = settings.finding_weight > 0 or settings.label_head_weight > 0
+    finding_names = finding_names_of(train_records) if wants_labels else []
     train_set = CaseDataset(train_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
     val_set = CaseDataset(val_records, preprocessor, loader=loader, cache=settings.cache)
     if settings.cache:
@@ -267,8 +313,20 @@ def train(
         persistent_workers=not settings.cache and settings.workers > 0,
     )
     finding_loss = FindingLoss().to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, finding_loss, settings), lr=settings.lr)
-    steps_per_epoch = max(1, math.ceil(len(batches) / settings.accumulate))
+    label_head = (nn.Linear(model.image.dim, len(finding_names)).to(device)
+                  if settings.label_head_weight > 0 and finding_names else None)
+    bank = None
+    if settings.lock_image:
+        if not settings.cache:
+            raise MedFinderError("--lock-image caches image features, so it cannot be combined with --no-cache.")
+        model.image.requires_grad_(False)
+        bank = feature_bank(model, train_set, usable, settings, augment_generator, device)
+        bank_labels = torch.stack([train_set[i]["labels"] for i in usable]).to(device) if finding_names else None
+        bank_masks = torch.stack([train_set[i]["label_mask"] for i in usable]).to(device) if finding_names else None
+        bank_reports = [train_set.records[i].report for i in usable]
+    optimizer = torch.optim.AdamW(_param_groups(model, finding_loss, settings, label_head), lr=settings.lr)
+    n_batches = len(usable) // min(settings.batch_size, len(usable)) if bank is not None else len(batches)
+    steps_per_epoch = max(1, math.ceil(n_batches / settings.accumulate))
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
@@ -281,6 +339,8 @@ def train(
         optimizer.load_state_dict(resume_payload["optimizer"])
         scheduler.load_state_dict(resume_payload["scheduler"])
         finding_loss.load_state_dict(resume_payload["finding_loss"])
+        if label_head is not None and resume_payload.get("label_head"):
+            label_head.load_state_dict(resume_payload["label_head"])
         state = _State(**resume_payload["state"])
         generator.set_state(resume_payload["rngs"]["generator"])
         augment_generator.set_state(resume_payload["rngs"]["augment"])
@@ -295,34 +355,52 @@ def train(
     while state.epoch < settings.epochs and (settings.max_steps is None or state.step < settings.max_steps):
         epoch_start = time.perf_counter()
         model.train()
+        if bank is not None:
+            model.image.eval()  # locked: BatchNorm statistics stay those the features were made with
+            epoch_batches: Any = [
+                {"positions": pos, "view": view, "report": [bank_reports[p] for p in pos],
+                 **({"labels": bank_labels[pos], "label_mask": bank_masks[pos]} if bank_labels is not None else {})}
+                for pos, view in _feature_batches(len(usable), settings.batch_size, bank.shape[0], generator)
+            ]
+        else:
+            epoch_batches = batches
         losses: list[float] = []
-        progress = tqdm(batches, desc=f"epoch {state.epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        progress = tqdm(epoch_batches, desc=f"epoch {state.epoch + 1}/{settings.epochs}", unit="batch", leave=False)
         optimizer.zero_grad(set_to_none=True)
         for micro, batch in enumerate(progress):
             if batch is None:
                 continue
-            images = batch["image"].to(device, non_blocking=True).float()
             texts = [
                 sample_report(r, text_rng, settings.full_report_probability, settings.min_window_fraction)
                 for r in batch["report"]
             ]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                n_views = 2 if settings.view_weight > 0 else 1
-                views = [model.embed_image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
+                if bank is not None:
+                    n_views = 1
+                    features = [bank[batch["view"].to(device), torch.tensor(batch["positions"], device=device)]]
+                else:
+                    images = batch["image"].to(device, non_blocking=True).float()
+                    n_views = 2 if settings.view_weight > 0 else 1
+                    features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
+                views = [model.embed_image_features(f) for f in features]
                 text_embeds = model.embed_text(texts)
                 scale = model.scale()
                 loss = sum(contrastive_loss(v, text_embeds, scale) for v in views) / n_views
                 if n_views == 2:
                     loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
                 if finding_names:
-                    finding_embeds = model.embed_text(finding_names, update_center=False)
+                    finding_embeds = model.embed_text(finding_names, update_center=False) if settings.finding_weight > 0 else None
                     labels = batch["labels"].to(device)
                     mask = batch["label_mask"].to(device)
-                    finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
-                    loss = loss + settings.finding_weight * finding
+                    if settings.finding_weight > 0:
+                        finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
+                        loss = loss + settings.finding_weight * finding
+                    if label_head is not None and bank is None:
+                        head = sum(_masked_bce(label_head(f.float()), labels, mask) for f in features) / n_views
+                        loss = loss + settings.label_head_weight * head
             (loss / settings.accumulate).backward()
             losses.append(float(loss.detach()))
-            if (micro + 1) % settings.accumulate == 0 or micro + 1 == len(batches):
+            if (micro + 1) % settings.accumulate == 0 or micro + 1 == len(epoch_batches):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 optimizer.step()
                 scheduler.step()
@@ -343,7 +421,7 @@ def train(
             model.save_pretrained(out)
         rngs = {"generator": generator.get_state(), "augment": augment_generator.get_state(),
                 "text": text_rng.getstate(), "torch": torch.get_rng_state()}
-        _save_checkpoint(out, model, optimizer, scheduler, finding_loss, state, settings, rngs)
+        _save_checkpoint(out, model, optimizer, scheduler, finding_loss, state, settings, rngs, label_head)
         summary = {
             "epoch": state.epoch,
             "step": state.step,
@@ -376,6 +454,12 @@ def train(
     return result
 
 
+def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    mask = mask.float()
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     defaults = TrainSettings(manifest="", out="")
     p = argparse.ArgumentParser(prog="python -m medfinder.train", description=__doc__.split("\n\n")[0])
@@ -396,6 +480,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
                    help="weight of the two-view consistency term (0 = a single view per step)")
     p.add_argument("--finding-weight", type=float, default=defaults.finding_weight,
                    help="weight of the auxiliary finding loss on the manifest's label columns (0 = off)")
+    p.add_argument("--label-head-weight", type=float, default=defaults.label_head_weight,
+                   help="weight of a training-only linear classifier on image-tower features (0 = off)")
+    p.add_argument("--lock-image", action="store_true",
+                   help="keep the image tower of --init fixed and train projections and temperature on its "
+                        "cached features (LiT); epochs then take seconds")
+    p.add_argument("--feature-views", type=int, default=defaults.feature_views,
+                   help="augmented views per volume cached with --lock-image")
     p.add_argument("--full-report-probability", type=float, default=defaults.full_report_probability)
     p.add_argument("--min-window-fraction", type=float, default=defaults.min_window_fraction)
     p.add_argument("--no-cache", action="store_true", help="stream volumes instead of keeping them in memory")
@@ -404,13 +495,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     a = p.parse_args(argv)
+    if a.lock_image and not (a.init or a.resume):
+        p.error("--lock-image keeps the image tower of --init fixed: give --init MODEL_DIR")
     if a.epochs < 1 or a.batch_size < 2 or a.accumulate < 1 or a.workers < 0 or a.lr <= 0:
         p.error("--epochs and --accumulate must be >= 1, --batch-size >= 2, --workers >= 0 and --lr > 0")
     settings = TrainSettings(
         manifest=a.manifest, out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
         lr=a.lr, text_lr=a.text_lr, weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction,
         accumulate=a.accumulate, workers=a.workers, seed=a.seed, view_weight=a.view_weight,
-        finding_weight=a.finding_weight, full_report_probability=a.full_report_probability,
+        finding_weight=a.finding_weight, label_head_weight=a.label_head_weight, lock_image=a.lock_image,
+        feature_views=a.feature_views, full_report_probability=a.full_report_probability,
         min_window_fraction=a.min_window_fraction, cache=not a.no_cache, amp=not a.no_amp, device=a.device,
         max_steps=a.max_steps,
     )

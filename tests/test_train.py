@@ -95,3 +95,31 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: py
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
     code = main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny", "--resume"])
     assert code == 2 and "Cannot resume" in capsys.readouterr().err
+
+
+def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=14)
+    stage1 = tmp_path / "stage1"
+    first = train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
+                                batch_size=4, max_steps=2, label_head_weight=1.0))
+    assert first["steps"] == 2
+    head = torch.load(stage1 / CHECKPOINT_DIR / STATE_FILE, weights_only=True)["label_head"]
+    assert head is not None and head["weight"].shape[0] >= 1  # one row per label column
+
+    stage2 = tmp_path / "stage2"
+    second = train(TrainSettings(manifest=str(manifest), out=str(stage2), init=str(stage1), epochs=3,
+                                 batch_size=4, finding_weight=1.0, lock_image=True, feature_views=2))
+    assert second["steps"] >= 3
+    before, after = MedFinder.from_pretrained(stage1), MedFinder.from_pretrained(stage2 / CHECKPOINT_DIR)
+    image_before, image_after = before.image.state_dict(), after.image.state_dict()
+    assert all(torch.equal(image_before[k], image_after[k]) for k in image_before)  # BatchNorm statistics too
+    projection_before = before.image_projection.state_dict()
+    projection_after = after.image_projection.state_dict()
+    assert any(not torch.equal(projection_before[k], projection_after[k]) for k in projection_before)
+
+
+def test_lock_image_without_init_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--lock-image"])
+    assert exit_info.value.code == 2 and "--init" in capsys.readouterr().err
