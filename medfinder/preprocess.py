@@ -73,11 +73,14 @@ class PreprocessConfig:
 #: Named recipes. ``medfinder-demo`` is what the CPU demo model uses; the others reproduce
 #: the peers' published preprocessing (axis order here is always RAS x, y, z).
 PRESETS: dict[str, PreprocessConfig] = {
+    # 320 mm in every direction: 5 mm slices so that 64 of them span a whole chest CT from the
+    # apices to the costophrenic recesses (at 4 mm, 256 mm cut off the recesses, where effusions
+    # collect, and the apices, where pneumothoraces show first).
     "medfinder-demo": PreprocessConfig(
         name="medfinder-demo",
-        spacing=(4.0, 4.0, 4.0),
+        spacing=(4.0, 4.0, 5.0),
         shape=(80, 80, 64),
-        windows=((-1000.0, 200.0), (-160.0, 240.0)),  # lung-ish and mediastinal
+        windows=((-1000.0, 200.0), (-160.0, 240.0), (150.0, 2500.0)),  # lung, mediastinum, calcium/bone
     ),
     # The public MedFinder release: per-volume min-max, no resampling. We keep its input size
     # but use an HU window, since min-max makes intensities depend on whatever metal is in view.

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -49,7 +50,7 @@ LOG_FILE = "train_log.jsonl"
 
 @dataclass
 class TrainSettings:
-    manifest: str
+    manifest: str  # one CSV, or several joined by os.pathsep (their case ids must not collide)
     out: str
     config: str = "medfinder-demo"
     epochs: int = 30
@@ -285,7 +286,7 @@ def train(
         model, preprocessor = create_model_and_transforms(settings.init or settings.config)
     model.to(device)
 
-    records = list(records) if records is not None else read_manifest(settings.manifest)
+    records = list(records) if records is not None else read_manifests(settings.manifest.split(os.pathsep))
     train_records = select_split(records, "train")
     val_records = select_split(records, "val")
     wants_labels = settings.finding_weight > 0 or settings.label_head_weight > 0
@@ -454,6 +455,21 @@ def train(
     return result
 
 
+def read_manifests(paths: Sequence[str]) -> list[CaseRecord]:
+    """Records of several manifests, in order; a case id in two of them is an error."""
+    records: list[CaseRecord] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for record in read_manifest(path):
+            if record.case_id in seen:
+                raise MedFinderError(
+                    f"The case id {record.case_id!r} is in both {seen[record.case_id]} and {path}."
+                )
+            seen[record.case_id] = path
+            records.append(record)
+    return records
+
+
 def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
     mask = mask.float()
@@ -463,7 +479,8 @@ def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     defaults = TrainSettings(manifest="", out="")
     p = argparse.ArgumentParser(prog="python -m medfinder.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="manifest CSV: case_id,image,report,labels...")
+    p.add_argument("--manifest", required=True, nargs="+",
+                   help="manifest CSV(s): case_id,image,report,labels... (several are joined)")
     p.add_argument("--out", required=True, help="output model folder (best checkpoint; resume state inside)")
     p.add_argument("--config", default=defaults.config, help="bundled config name or JSON path")
     p.add_argument("--init", default=None, help="start from this model folder's weights")
@@ -500,7 +517,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     if a.epochs < 1 or a.batch_size < 2 or a.accumulate < 1 or a.workers < 0 or a.lr <= 0:
         p.error("--epochs and --accumulate must be >= 1, --batch-size >= 2, --workers >= 0 and --lr > 0")
     settings = TrainSettings(
-        manifest=a.manifest, out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
+        manifest=os.pathsep.join(a.manifest), out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
         lr=a.lr, text_lr=a.text_lr, weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction,
         accumulate=a.accumulate, workers=a.workers, seed=a.seed, view_weight=a.view_weight,
         finding_weight=a.finding_weight, label_head_weight=a.label_head_weight, lock_image=a.lock_image,

@@ -123,3 +123,16 @@ def test_lock_image_without_init_is_refused(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit) as exit_info:
         main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--lock-image"])
     assert exit_info.value.code == 2 and "--init" in capsys.readouterr().err
+
+
+def test_several_manifests_are_joined_and_a_repeated_case_id_is_named(tmp_path: Path) -> None:
+    from medfinder.errors import MedFinderError
+    from medfinder.train import read_manifests
+
+    a = write_tiny_corpus(tmp_path / "a", n=3)
+    b = tmp_path / "b.csv"
+    b.write_text("case_id,image,report\nother-1,,Normal chest.\n", encoding="utf-8")
+    assert [r.case_id for r in read_manifests([str(a), str(b)])][-1] == "other-1"
+    assert len(read_manifests([str(a), str(b)])) == 4
+    with pytest.raises(MedFinderError, match="in both"):
+        read_manifests([str(a), str(a)])
