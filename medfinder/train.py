@@ -24,7 +24,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -180,9 +180,24 @@ def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSe
     return groups
 
 
-def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int) -> dict[str, float]:
-    """Text-to-image retrieval on the validation cases (full reports, no augmentation)."""
+def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int,
+                      features: torch.Tensor | None = None) -> dict[str, float]:
+    """Text-to-image retrieval on the validation cases (full reports, no augmentation).
+
+    ``features``: the image tower's outputs for ``dataset.usable_indices()``, when it is locked.
+    """
     indices = dataset.usable_indices()
+    if features is not None:
+        reports = [dataset.records[i].report for i in indices]
+        if len(reports) < 2:
+            return {}
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            image_embeds = model.embed_image_features(features).double().cpu().numpy()
+        model.train(was_training)
+        text_embeds = model.encode_text(reports).double().numpy()
+        return retrieval_metrics(text_embeds @ image_embeds.T)
     images, reports = [], []
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start : start + batch_size]]
@@ -325,6 +340,9 @@ def train(
         bank_labels = torch.stack([train_set[i]["labels"] for i in usable]).to(device) if finding_names else None
         bank_masks = torch.stack([train_set[i]["label_mask"] for i in usable]).to(device) if finding_names else None
         bank_reports = [train_set.records[i].report for i in usable]
+        val_features = (feature_bank(model, val_set, val_set.usable_indices(),
+                                     replace(settings, feature_views=1), augment_generator, device)[0]
+                        if len(val_set) else None)
     optimizer = torch.optim.AdamW(_param_groups(model, finding_loss, settings, label_head), lr=settings.lr)
     n_batches = len(usable) // min(settings.batch_size, len(usable)) if bank is not None else len(batches)
     steps_per_epoch = max(1, math.ceil(n_batches / settings.accumulate))
@@ -413,7 +431,8 @@ def train(
                 break
         progress.close()
         state.epoch += 1
-        validation = validation_recall(model, val_set, settings.batch_size) if len(val_set) else {}
+        validation = (validation_recall(model, val_set, settings.batch_size,
+                                        val_features if bank is not None else None) if len(val_set) else {})
         state.elapsed_s += time.perf_counter() - epoch_start
         metric = validation.get("R@10", -float(np.mean(losses)) if losses else -float("inf"))
         improved = metric > state.best
