@@ -34,6 +34,7 @@ def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, see
     from medfinder.phantoms import write_corpus
 
     index_dir = Path(index_dir)
+    _drop_if_built_by_another_model(index_dir, model_dir)
     corpus = index_dir.parent / f"{index_dir.name}_corpus"
     manifest = corpus / "manifest.csv"
     if not manifest.exists():
@@ -41,6 +42,29 @@ def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, see
     build_index(read_manifest(manifest), index_dir, model_dir=model_dir, workers=workers,
                 settings={"corpus": f"phantoms n={n} seed={seed}"})
     return index_dir
+
+
+def _drop_if_built_by_another_model(index_dir: Path, model_dir: Path) -> None:
+    """After new demo weights, the old demo index cannot be searched with them; it is synthetic
+    and rebuilt from its seed, so it is removed rather than refused."""
+    import json
+    import logging
+    import shutil
+
+    from medfinder.errors import MedFinderError
+    from medfinder.index import CaseIndex
+
+    if not (index_dir / "index.json").exists():
+        return
+    try:
+        built_with = CaseIndex.read_info(index_dir)["model"].get("fingerprint")
+        current = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (MedFinderError, OSError, ValueError, KeyError):
+        return  # let the build report what is wrong
+    if built_with and current and built_with != current:
+        logging.getLogger("medfinder.demo").warning(
+            "The demo index in %s was built with another model (%s); rebuilding it for %s.", index_dir, built_with, current)
+        shutil.rmtree(index_dir)
 
 
 def examples_dir(index_dir: Path = DEMO_INDEX_DIR) -> Path:

@@ -463,3 +463,23 @@ def test_concurrent_readers_get_the_same_answers(tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(work, range(40))) == serial
+
+
+def test_demo_index_built_by_other_weights_is_rebuilt_not_refused(tmp_path, tiny_index, tiny_model_dir):
+    import shutil
+
+    import torch
+
+    from medfinder.demo import _drop_if_built_by_another_model
+    from medfinder.model import create_model_and_transforms
+
+    index_dir = tmp_path / "demo_index"
+    shutil.copytree(tiny_index, index_dir)
+    _drop_if_built_by_another_model(index_dir, tiny_model_dir)
+    assert (index_dir / "index.json").exists()  # same weights: kept
+
+    torch.manual_seed(1)
+    other, _ = create_model_and_transforms("medfinder-tiny")
+    other_dir = other.save_pretrained(tmp_path / "new_weights")
+    _drop_if_built_by_another_model(index_dir, other_dir)
+    assert not index_dir.exists()
