@@ -62,6 +62,7 @@ class TrainSettings:
     accumulate: int = 1
     workers: int = 0
     seed: int = 0
+    contrastive_weight: float = 1.0  # 0: a supervised stage (label head only) before a locked-image stage
     view_weight: float = 0.5
     finding_weight: float = 0.0
     label_head_weight: float = 0.0  # a training-only linear classifier on image-tower features
@@ -213,6 +214,40 @@ def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int,
     return retrieval_metrics(text_embeds @ image_embeds.T)
 
 
+def validation_label_auc(model: MedFinder, label_head: nn.Module, dataset: CaseDataset,
+                         batch_size: int) -> dict[str, float]:
+    """Mean ROC AUC of the label head over the findings that have positives and negatives."""
+    indices = dataset.usable_indices()
+    scores, labels, masks = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(indices), batch_size):
+            batch = collate_cases([dataset[i] for i in indices[start : start + batch_size]])
+            if batch is None:
+                continue
+            scores.append(label_head(model.image(batch["image"].to(model.device).float())).float().cpu())
+            labels.append(batch["labels"])
+            masks.append(batch["label_mask"])
+    model.train(was_training)
+    if not scores:
+        return {}
+    s, y, m = torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(masks).numpy()
+    aucs = [roc_auc(s[m[:, j], j], y[m[:, j], j]) for j in range(s.shape[1])]
+    aucs = [a for a in aucs if a is not None]
+    return {"label_AUC": float(np.mean(aucs))} if aucs else {}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney U statistic, ties counted half); None if one class is absent."""
+    positives, negatives = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(positives) == 0 or len(negatives) == 0:
+        return None
+    greater = (positives[:, None] > negatives[None, :]).sum()
+    ties = (positives[:, None] == negatives[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
+
+
 @dataclass
 class _State:
     epoch: int = 0
@@ -307,7 +342,7 @@ def train(
     wants_labels = settings.finding_weight > 0 or settings.label_head_weight > 0
     finding_names = finding_names_of(train_records) if wants_labels else []
     train_set = CaseDataset(train_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
-    val_set = CaseDataset(val_records, preprocessor, loader=loader, cache=settings.cache)
+    val_set = CaseDataset(val_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
     if settings.cache:
         train_set.preload(settings.workers)
         val_set.preload(settings.workers)
@@ -402,9 +437,11 @@ def train(
                     n_views = 2 if settings.view_weight > 0 else 1
                     features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
                 views = [model.embed_image_features(f) for f in features]
-                text_embeds = model.embed_text(texts)
-                scale = model.scale()
-                loss = sum(contrastive_loss(v, text_embeds, scale) for v in views) / n_views
+                loss = torch.zeros((), device=device)
+                if settings.contrastive_weight > 0:
+                    text_embeds = model.embed_text(texts)
+                    contrastive = sum(contrastive_loss(v, text_embeds, model.scale()) for v in views) / n_views
+                    loss = loss + settings.contrastive_weight * contrastive
                 if n_views == 2:
                     loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
                 if finding_names:
@@ -431,10 +468,15 @@ def train(
                 break
         progress.close()
         state.epoch += 1
-        validation = (validation_recall(model, val_set, settings.batch_size,
-                                        val_features if bank is not None else None) if len(val_set) else {})
+        if not len(val_set):
+            validation = {}
+        elif settings.contrastive_weight > 0:
+            validation = validation_recall(model, val_set, settings.batch_size,
+                                           val_features if bank is not None else None)
+        else:  # nothing is aligned yet: judge the image tower by its label head instead
+            validation = validation_label_auc(model, label_head, val_set, settings.batch_size) if label_head else {}
         state.elapsed_s += time.perf_counter() - epoch_start
-        metric = validation.get("R@10", -float(np.mean(losses)) if losses else -float("inf"))
+        metric = validation.get("R@10", validation.get("label_AUC", -float(np.mean(losses)) if losses else -float("inf")))
         improved = metric > state.best
         if improved:
             state.best = metric
@@ -455,15 +497,17 @@ def train(
         with log_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(summary) + "\n")
         tqdm.write(
-            f"epoch {state.epoch}: loss {summary['loss']:.4f}  val t2i R@10 {validation.get('R@10', float('nan')):.3f}"
-            f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
+            f"epoch {state.epoch}: loss {summary['loss']:.4f}  "
+            + "  ".join(f"val {k} {v:.3f}" for k, v in validation.items() if k in ("R@10", "label_AUC"))
+            + f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
         )
     result = {
         "out": str(out),
         "fingerprint": json.loads((out / "config.json").read_text(encoding="utf-8")).get("fingerprint"),
         "epochs": state.epoch,
         "steps": state.step,
-        "best_val_R@10": state.best,
+        "best_val": state.best,
+        "best_val_metric": "R@10" if settings.contrastive_weight > 0 else "label_AUC",
         "train_cases": len(usable),
         "val_cases": len(val_set.usable_indices()),
         "skipped": {**train_set.failures, **val_set.failures},
@@ -512,6 +556,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     p.add_argument("--accumulate", type=int, default=defaults.accumulate, help="gradient accumulation steps")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes that load and preprocess volumes")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--contrastive-weight", type=float, default=defaults.contrastive_weight,
+                   help="weight of the image-report InfoNCE (0 with --label-head-weight: a supervised stage)")
     p.add_argument("--view-weight", type=float, default=defaults.view_weight,
                    help="weight of the two-view consistency term (0 = a single view per step)")
     p.add_argument("--finding-weight", type=float, default=defaults.finding_weight,
@@ -539,6 +585,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
         manifest=os.pathsep.join(a.manifest), out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
         lr=a.lr, text_lr=a.text_lr, weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction,
         accumulate=a.accumulate, workers=a.workers, seed=a.seed, view_weight=a.view_weight,
+        contrastive_weight=a.contrastive_weight,
         finding_weight=a.finding_weight, label_head_weight=a.label_head_weight, lock_image=a.lock_image,
         feature_views=a.feature_views, full_report_probability=a.full_report_probability,
         min_window_fraction=a.min_window_fraction, cache=not a.no_cache, amp=not a.no_amp, device=a.device,

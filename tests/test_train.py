@@ -101,8 +101,8 @@ def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=14)
     stage1 = tmp_path / "stage1"
     first = train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
-                                batch_size=4, max_steps=2, label_head_weight=1.0))
-    assert first["steps"] == 2
+                                batch_size=4, max_steps=2, label_head_weight=1.0, contrastive_weight=0.0))
+    assert first["steps"] == 2 and first["best_val_metric"] == "label_AUC"
     head = torch.load(stage1 / CHECKPOINT_DIR / STATE_FILE, weights_only=True)["label_head"]
     assert head is not None and head["weight"].shape[0] >= 1  # one row per label column
 
@@ -136,3 +136,16 @@ def test_several_manifests_are_joined_and_a_repeated_case_id_is_named(tmp_path: 
     assert len(read_manifests([str(a), str(b)])) == 4
     with pytest.raises(MedFinderError, match="in both"):
         read_manifests([str(a), str(a)])
+
+
+def test_roc_auc_on_known_rankings() -> None:
+    import numpy as np
+
+    from medfinder.train import roc_auc
+
+    labels = np.array([1, 1, 0, 0, 0])
+    assert roc_auc(np.array([0.9, 0.8, 0.3, 0.2, 0.1]), labels) == 1.0
+    assert roc_auc(np.array([0.1, 0.2, 0.3, 0.8, 0.9]), labels) == 0.0
+    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+    assert roc_auc(np.array([0.9, 0.2, 0.3, 0.1, 0.0]), labels) == 5 / 6  # 0.9 beats all three negatives, 0.2 beats two
+    assert roc_auc(np.array([0.1, 0.2]), np.array([0, 0])) is None
