@@ -1,6 +1,6 @@
 """HNSW (hnswlib) against exact numpy search: recall@10, queries/s, memory, build time.
 
-    python benchmarks/ann_recall.py                       # 10^5 and 10^6 vectors, dim 512
+    python benchmarks/ann_recall.py                       # 10^5 and 10^6 vectors, dim 256
     python benchmarks/ann_recall.py --n 100000 --dim 256 --ef 32 64 96 128
 
 Prints one JSON object. The vectors are synthetic but clustered (a Gaussian mixture on the

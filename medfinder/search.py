@@ -6,7 +6,7 @@ tower's own space) and ``image`` (text-to-image in the joint space, the only cha
 find cases without a report). Image queries run ``image`` (image-to-image) and ``report``
 (image-to-report in the joint space). Channels are fused by weighted reciprocal rank fusion,
 which needs no score calibration between channels whose similarities live on different
-scales (benchmarks/fusion.py compares it with a weighted sum of scores).
+scales (benchmarks/fusion_compare.py compares it with a weighted sum of scores).
 """
 
 from __future__ import annotations
@@ -239,13 +239,22 @@ class Searcher:
                  query: Any) -> list[SearchResult]:
         from .reports import highlight
 
-        # Without filters only the page's records are read: reading and decoding every candidate's
-        # report and findings from SQLite cost more than the rest of a search at 10^5 cases.
-        ids = [case_id for case_id, _, _ in fused]
-        if not filters.active:
-            ids = ids[: offset + k + 5]  # a few spare in case a candidate was deleted meanwhile
-        records = {r.case_id: r for r in self.index.get_many(ids, thumbnails=False)}
-        kept = [(c, s, h) for c, s, h in fused if c in records and filters.accepts(records[c])]
+        # Records are read in fused order, a chunk at a time, until the page is full: reading and
+        # decoding every candidate's report and findings from SQLite cost more than the rest of a
+        # search at 10^5 cases. Without filters the first chunk (the page and a few spare, in case
+        # a candidate was deleted meanwhile) is all there is to read.
+        wanted = offset + k
+        chunk = wanted + 5 if not filters.active else 4 * wanted
+        records: dict[str, CaseRecord] = {}
+        kept: list = []
+        start = 0
+        while len(kept) < wanted and start < len(fused):
+            batch = fused[start : start + chunk]
+            start += chunk
+            chunk *= 2
+            read = {r.case_id: r for r in self.index.get_many([c for c, _, _ in batch], thumbnails=False)}
+            records.update(read)
+            kept.extend((c, s, h) for c, s, h in batch if c in read and filters.accepts(read[c]))
         page = kept[offset : offset + k]
         thumbs = {r.case_id: r.thumbnail_png for r in self.index.get_many([c for c, _, _ in page])}
         results = []

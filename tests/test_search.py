@@ -99,6 +99,18 @@ def test_exclusion_in_query_and_filters(searcher, tiny_corpus):
     assert {r.case_id for r in results} <= with_effusion
 
 
+
+def test_filtered_pages_are_the_filtered_full_ranking(searcher):
+    """Records are read a chunk at a time; every page must still be the full ranking, filtered."""
+    everything = searcher.search(text="pleural effusion", k=1000)
+    females = [r.case_id for r in everything if str(r.metadata.get("sex", "")).upper().startswith("F")]
+    assert 2 <= len(females) < len(everything)
+    only_f = SearchFilters(sex="F")
+    paged = [r.case_id for offset in range(0, len(females), 2)
+             for r in searcher.search(text="pleural effusion", k=2, offset=offset, filters=only_f)]
+    assert paged == females
+    assert searcher.search(text="pleural effusion", k=2, offset=len(females), filters=only_f) == []
+
 def test_image_search_returns_the_query_case_first(searcher, tiny_corpus):
     first = next(iter(_labels(tiny_corpus).values()))
     image = tiny_corpus.parent / first["image"]
