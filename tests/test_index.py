@@ -18,7 +18,7 @@ import pytest
 
 from medfinder.errors import CaseIndexError
 from medfinder.index import CaseEntry, CaseIndex
-from medfinder.vector_index import ExactIndex, HnswIndex
+from medfinder.vector_index import ExactIndex, HnswIndex, ef_for_size
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"image": 16, "report": 16, "report_text": 24}
@@ -82,6 +82,26 @@ def test_exact_and_hnsw_agree_on_small_data() -> None:
     assert np.allclose(exact_scores[:, 0], np.max(queries @ data.T, axis=1), atol=1e-5)
 
 
+def test_search_ef_grows_with_the_index_so_a_small_stored_ef_keeps_recall() -> None:
+    # Anchors measured by benchmarks/ann_recall.py: ef 64 at 10^5 vectors, 384 at 10^6.
+    assert ef_for_size(1_000) == ef_for_size(100_000) == 64
+    assert ef_for_size(1_000_000) == 384
+    sizes = [10**5, 2 * 10**5, 5 * 10**5, 10**6, 10**7]
+    assert [ef_for_size(n) for n in sizes] == sorted(ef_for_size(n) for n in sizes)
+    points = clustered(4050, 32, seed=11, clusters=40)
+    data, queries = points[:4000], points[4000:]  # held-out queries from the same mixture
+    truth = ExactIndex(32)
+    truth.add(np.arange(4000), data)
+    expected = truth.query(queries, 10)[0]
+    recall = {}
+    for grow in (False, True):
+        index = HnswIndex(32, M=8, ef_construction=40, ef=10, grow_ef=grow)
+        index.add(np.arange(4000), data)
+        found = index.query(queries, 10)[0]
+        recall[grow] = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found.tolist(), expected.tolist())])
+    assert recall[True] >= 0.98 and recall[True] > recall[False]
+
+
 @pytest.mark.parametrize("backend", [ExactIndex, HnswIndex])
 def test_k_larger_than_the_live_count_returns_what_there_is(backend: type) -> None:
     index = backend(8)
@@ -98,7 +118,7 @@ def test_hnsw_after_heavy_deletion_still_returns_k_live_neighbours() -> None:
     # Deleting most of a graph leaves fewer than k reachable items: hnswlib's
     # "Cannot return the results in a contiguous 2D array" must not reach the caller.
     data = clustered(300, 16, seed=5)
-    hnsw, exact = HnswIndex(16, M=4, ef=10), ExactIndex(16)
+    hnsw, exact = HnswIndex(16, M=4, ef=10, grow_ef=False), ExactIndex(16)
     for index in (hnsw, exact):
         index.add(np.arange(300), data)
         index.delete(np.arange(0, 295))
