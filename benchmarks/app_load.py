@@ -1,8 +1,12 @@
 """Load test: start the app, run N concurrent gradio_client clients doing mixed text and image
 searches for a fixed time on loopback only, and print JSON (requests, errors, latencies, peak RSS).
 
-Usage: python benchmarks/app_load.py [--clients 20] [--seconds 60] [--image-share 0.2]
+Usage: python benchmarks/app_load.py [--clients 20] [--seconds 60] [--image-share 0.2] [--think-seconds 0]
        [--index DIR --model DIR]   (default: the demo index, built on first use)
+
+With ``--think-seconds 0`` every client fires its next request the moment the last one returns
+(a closed loop: the worst case, and what the default measures); a positive value makes each
+client pause a random 0.5x-1.5x of it between requests, as a person reading results does.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def main() -> None:
     parser.add_argument("--index", type=Path)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--image", type=Path, help="CT used for image searches (default: a demo example)")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0,
+                        help="latencies of requests sent after this are also reported on their own")
+    parser.add_argument("--think-seconds", type=float, default=0.0,
+                        help="mean pause of each client between its requests (0 = back to back)")
     args = parser.parse_args()
 
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(_free_port()),
@@ -86,6 +94,9 @@ def main() -> None:
         else:
             image = args.image
         latencies: dict[str, list[float]] = {"text": [], "image": []}
+        # The first seconds, when all clients connect at once, are also left out in a second summary.
+        steady: dict[str, list[float]] = {"text": [], "image": []}
+        steady_from = time.monotonic() + args.warmup_seconds
         errors: list[str] = []
         lock = threading.Lock()
         stop_at = time.monotonic() + args.seconds
@@ -103,6 +114,7 @@ def main() -> None:
             while time.monotonic() < stop_at:
                 kind = "image" if rng.random() < args.image_share else "text"
                 t = time.perf_counter()
+                after_warmup = time.monotonic() >= steady_from
                 try:
                     if kind == "text":
                         c.predict(rng.choice(QUERIES), [], [], "any", 0, 100, 10, api_name="/search_text")
@@ -110,9 +122,13 @@ def main() -> None:
                         c.predict(handle_file(str(own)), "Similar cases", 10, api_name="/search_image")
                     with lock:
                         latencies[kind].append(time.perf_counter() - t)
+                        if after_warmup:
+                            steady[kind].append(latencies[kind][-1])
                 except Exception as exc:  # counted, never fatal: that is what we measure
                     with lock:
                         errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:120]}")
+                if args.think_seconds > 0:
+                    time.sleep(args.think_seconds * rng.uniform(0.5, 1.5))
 
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
         for t in threads:
@@ -126,13 +142,17 @@ def main() -> None:
             time.sleep(0.2)
         requests = sum(len(v) for v in latencies.values()) + len(errors)
         print(json.dumps({
-            "clients": args.clients, "seconds": args.seconds, "requests": requests, "errors": len(errors),
+            "clients": args.clients, "seconds": args.seconds, "think_seconds": args.think_seconds,
+            "image_share": args.image_share, "requests": requests, "errors": len(errors),
             "error_samples": errors[:5],
             "text": {"n": len(latencies["text"]), "p50_s": _percentile(latencies["text"], 0.5),
                      "p95_s": _percentile(latencies["text"], 0.95),
                      "mean_s": round(statistics.mean(latencies["text"]), 4) if latencies["text"] else None},
             "image": {"n": len(latencies["image"]), "p50_s": _percentile(latencies["image"], 0.5),
                       "p95_s": _percentile(latencies["image"], 0.95)},
+            f"after_first_{args.warmup_seconds:g}_s": {
+                kind: {"n": len(v), "p50_s": _percentile(v, 0.5), "p95_s": _percentile(v, 0.95)}
+                for kind, v in steady.items()},
             "throughput_rps": round(requests / args.seconds, 2),
             "peak_rss_mb": round(peak_rss / 1e6, 1),
         }, indent=2))
