@@ -252,7 +252,7 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 class _State:
     epoch: int = 0
     step: int = 0
-    best: float = -1.0
+    best: float = -float("inf")  # the first epoch is always saved, whatever its metric
     elapsed_s: float = 0.0
 
 
