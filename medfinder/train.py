@@ -386,7 +386,8 @@ def train(
         total_steps = min(total_steps, settings.max_steps)
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_fraction * total_steps), total_steps)
+    warmup_steps = int(settings.warmup_fraction * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     state = _State()
     text_rng = random.Random(settings.seed)
     if resume_payload is not None:
@@ -428,6 +429,11 @@ def train(
                 sample_report(r, text_rng, settings.full_report_probability, settings.min_window_fraction)
                 for r in batch["report"]
             ]
+            # With a locked image tower the centres follow the batches only while warming up, then
+            # stay fixed: a centre that keeps moving while the learning rate decays pulls the
+            # embeddings away from where the weights put them (the loss rose 4.7 -> 5.4 at a
+            # learning rate of 1e-12).
+            track_centres = bank is None or state.step <= warmup_steps
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if bank is not None:
                     n_views = 1
@@ -436,10 +442,10 @@ def train(
                     images = batch["image"].to(device, non_blocking=True).float()
                     n_views = 2 if settings.view_weight > 0 else 1
                     features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
-                views = [model.embed_image_features(f) for f in features]
+                views = [model.embed_image_features(f, track_centres) for f in features]
                 loss = torch.zeros((), device=device)
                 if settings.contrastive_weight > 0:
-                    text_embeds = model.embed_text(texts)
+                    text_embeds = model.embed_text(texts, update_center=track_centres)
                     contrastive = sum(contrastive_loss(v, text_embeds, model.scale()) for v in views) / n_views
                     loss = loss + settings.contrastive_weight * contrastive
                 if n_views == 2:

@@ -118,6 +118,30 @@ def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
     assert any(not torch.equal(projection_before[k], projection_after[k]) for k in projection_before)
 
 
+def test_locked_image_stage_fixes_the_centres_after_warmup(tmp_path: Path) -> None:
+    # A centre that kept following the batches drifted away from the weights as the learning
+    # rate decayed; after the warm-up (here: the first step) it must not move.
+    import json
+
+    from medfinder.model import load_config
+
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=14)
+    config = tmp_path / "tiny-centred.json"
+    config.write_text(json.dumps({**load_config("medfinder-tiny"), "centering": True}))
+    stage1 = tmp_path / "stage1"
+    train(TrainSettings(manifest=str(manifest), out=str(stage1), config=str(config), epochs=1,
+                        batch_size=4, max_steps=2, label_head_weight=1.0, contrastive_weight=0.0))
+    centres = {}
+    for name, steps in (("one", 1), ("many", None)):
+        train(TrainSettings(manifest=str(manifest), out=str(tmp_path / name), init=str(stage1), epochs=3,
+                            batch_size=4, warmup_fraction=0.0, max_steps=steps, lock_image=True, feature_views=2))
+        model = MedFinder.from_pretrained(tmp_path / name / CHECKPOINT_DIR)
+        centres[name] = (model.image_centering.center.clone(), model.text_centering.center.clone())
+    assert torch.equal(centres["one"][0], centres["many"][0]) and torch.equal(centres["one"][1], centres["many"][1])
+    stage1_centre = MedFinder.from_pretrained(stage1).image_centering.center
+    assert not torch.equal(stage1_centre, centres["many"][0])  # it did follow the batches while warming up
+
+
 def test_lock_image_without_init_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
     with pytest.raises(SystemExit) as exit_info:
