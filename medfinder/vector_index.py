@@ -271,8 +271,8 @@ class HnswIndex:
     back to ``load``), and is raised to ``ef_for_size`` as the index grows (``grow_ef=False``
     keeps it fixed, for benchmarks); ``knn_query`` raises when fewer than k items are reachable
     (k is clamped to the live count, ef is raised, and as a last resort the live vectors are
-    searched exactly); adding and querying at the same time is unsafe (one lock serialises them, which
-    costs little because a query takes well under a millisecond).
+    searched exactly); adding and querying at the same time is unsafe (one lock serialises
+    them, which costs little because a query takes well under a millisecond).
     """
 
     def __init__(
