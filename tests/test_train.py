@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_datasets import write_tiny_corpus
 
-from medfinder.datasets import split_of
+from medfinder.datasets import CaseDataset, read_manifest, split_of
+from medfinder.evaluate import finding_names_of
 from medfinder.model import MedFinder, split_sentences
 from medfinder.train import (
     CHECKPOINT_DIR,
@@ -18,9 +19,11 @@ from medfinder.train import (
     STATE_FILE,
     TrainSettings,
     augment_volumes,
+    autocast_enabled,
     main,
     sample_report,
     train,
+    validation_label_auc,
 )
 
 
@@ -106,6 +109,18 @@ def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
     head = torch.load(stage1 / CHECKPOINT_DIR / STATE_FILE, weights_only=True)["label_head"]
     assert head is not None and head["weight"].shape[0] >= 1  # one row per label column
 
+    # The stage is judged per finding, so the log says which findings the tower cannot see yet.
+    model = MedFinder.from_pretrained(stage1)
+    records = read_manifest(manifest)
+    names = finding_names_of(records)
+    dataset = CaseDataset(records, model.make_preprocessor(), names)
+    linear = torch.nn.Linear(model.image.dim, len(names))
+    linear.load_state_dict(head)
+    validation = validation_label_auc(model, linear, dataset, batch_size=4)
+    by_finding = validation["label_AUC_by_finding"]  # findings with positives and negatives only
+    assert "Pleural effusion" in by_finding and set(by_finding) <= set(names)
+    assert validation["label_AUC"] == pytest.approx(sum(by_finding.values()) / len(by_finding), abs=1e-3)
+
     stage2 = tmp_path / "stage2"
     second = train(TrainSettings(manifest=str(manifest), out=str(stage2), init=str(stage1), epochs=3,
                                  batch_size=4, finding_weight=1.0, lock_image=True, feature_views=2))
@@ -173,3 +188,20 @@ def test_roc_auc_on_known_rankings() -> None:
     assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5, 0.5]), labels) == 0.5
     assert roc_auc(np.array([0.9, 0.2, 0.3, 0.1, 0.0]), labels) == 5 / 6  # 0.9 beats all three negatives, 0.2 beats two
     assert roc_auc(np.array([0.1, 0.2]), np.array([0, 0])) is None
+
+
+def test_cpu_bf16_autocast_is_used_where_the_cpu_has_it_and_the_model_saves_in_fp32(tmp_path: Path) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=10)
+    saved = {}
+    for amp in (True, False):
+        out = tmp_path / f"amp-{amp}"
+        train(TrainSettings(manifest=str(manifest), out=str(out), config="medfinder-tiny", epochs=1,
+                            batch_size=4, max_steps=2, amp=amp, device="cpu"))
+        model = MedFinder.from_pretrained(out)
+        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.state_dict().values()
+                   if p.is_floating_point())
+        saved[amp] = model.image.state_dict()
+    native_bf16 = autocast_enabled(torch.device("cpu"), True)
+    same = all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
+    assert same != native_bf16  # bf16 steps change the weights exactly where the CPU runs bf16
+    assert not autocast_enabled(torch.device("cpu"), False)
