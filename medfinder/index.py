@@ -887,6 +887,16 @@ class CaseIndex:
             ))
         return records
 
+    def thumbnails(self, case_ids: Sequence[str]) -> dict[str, bytes]:
+        """Key-slice PNGs of the given cases, by case id (cases without one are left out)."""
+        with self._lock:
+            rows = self._select(
+                self._reader(),
+                "SELECT c.case_id, t.png FROM cases c JOIN thumbnails t ON t.label = c.label WHERE c.case_id IN ({})",
+                list(case_ids),
+            )
+        return {case_id: bytes(png) for case_id, png in rows}
+
     def info(self) -> dict:
         """Counts, model and settings of the committed generation (``python -m medfinder info``)."""
         return {**self._describe(self.folder, self._manifest), "uncommitted_changes": bool(self._dirty)}

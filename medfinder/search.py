@@ -256,7 +256,7 @@ class Searcher:
             records.update(read)
             kept.extend((c, s, h) for c, s, h in batch if c in read and filters.accepts(read[c]))
         page = kept[offset : offset + k]
-        thumbs = {r.case_id: r.thumbnail_png for r in self.index.get_many([c for c, _, _ in page])}
+        thumbs = self.index.thumbnails([c for c, _, _ in page])
         results = []
         for position, (case_id, score, hits) in enumerate(page, start=offset + 1):
             record = records[case_id]

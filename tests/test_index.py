@@ -230,6 +230,7 @@ def test_delete_and_update_persist(tmp_path: Path) -> None:
     assert reopened.get("case-0005").report == "Normal chest CT."
     assert reopened.get("case-0005").channels == ("report",)
     assert reopened.get("case-0005").thumbnail_png is None
+    assert reopened.thumbnails(["case-0005", "case-0007", "case-0003"]) == {"case-0007": b"\x89PNG-thumbnail-7"}
     for channel, dim in DIMS.items():
         found = {case_id for case_id, _ in reopened.query(channel, cases[3].vectors[channel], 20)}
         assert not found & {"case-0003", "case-0004"}
