@@ -7,8 +7,8 @@ Each step: two augmented views of every volume (small random affine + intensity 
 left-right flip, since reports state laterality) and a sampled window of its report's sentences;
 loss = symmetric InfoNCE of each view against the text (averaged) + ``view_weight`` x the views'
 consistency + optionally ``finding_weight`` x a finding loss against the label columns.
-AdamW with linear warmup and cosine decay; bf16 autocast on a GPU and on a CPU with native bf16
-(AVX512-BF16 or AMX: 1.8x faster steps, with channels-last 3D convolutions); DataLoader workers;
+AdamW with linear warmup and cosine decay; bf16 autocast on a GPU (not on a CPU, see
+``autocast_enabled``); DataLoader workers;
 gradient accumulation (negatives stay per micro-batch). The split is the hash split of
 ``medfinder.datasets`` (80/10/10); the best epoch by validation text-to-image R@10 is saved in
 ``DIR`` (``config.json`` + ``model.safetensors``), the latest state in ``DIR/checkpoint`` for
@@ -157,15 +157,14 @@ def _device(name: str) -> torch.device:
 
 
 def autocast_enabled(device: torch.device, wanted: bool) -> bool:
-    """bf16 autocast where the hardware runs bf16 convolutions natively.
+    """bf16 autocast on a GPU only.
 
-    On a CPU without AVX512-BF16 or AMX, oneDNN emulates bf16 and a step gets slower, not faster.
+    On a CPU with native bf16 (AVX512-BF16), bf16 autocast with channels-last 3D convolutions made
+    a training step 1.25x faster (benchmarks/train_step_speed.py), but with torch 2.13's oneDNN it
+    intermittently gave NaN weights after two steps of the tiny test model (1 run in about 15),
+    which fp32 never did; a CPU trains in fp32.
     """
-    if not wanted:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return wanted and device.type == "cuda"
 
 
 def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings,
@@ -417,11 +416,6 @@ def train(
         torch.set_rng_state(resume_payload["rngs"]["torch"])
 
     amp = autocast_enabled(device, settings.amp)
-    if amp and device.type == "cpu" and not settings.lock_image:
-        # oneDNN's bf16 3D convolutions want channels-last: with it a CPU step is 1.8x faster than
-        # fp32, without it only 1.4x.
-        model.image.to(memory_format=torch.channels_last_3d)
-    layout = torch.channels_last_3d if amp and device.type == "cpu" else torch.contiguous_format
     log_path = out / LOG_FILE
     from tqdm.auto import tqdm
 
@@ -460,8 +454,7 @@ def train(
                 else:
                     images = batch["image"].to(device, non_blocking=True).float()
                     n_views = 2 if settings.view_weight > 0 else 1
-                    features = [model.image(augment_volumes(images, settings, augment_generator).contiguous(memory_format=layout))
-                                for _ in range(n_views)]
+                    features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
                 views = [model.embed_image_features(f, track_centres) for f in features]
                 loss = torch.zeros((), device=device)
                 if settings.contrastive_weight > 0:
@@ -598,8 +591,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     p.add_argument("--full-report-probability", type=float, default=defaults.full_report_probability)
     p.add_argument("--min-window-fraction", type=float, default=defaults.min_window_fraction)
     p.add_argument("--no-cache", action="store_true", help="stream volumes instead of keeping them in memory")
-    p.add_argument("--no-amp", action="store_true",
-                   help="no bf16 autocast (used on a GPU, and on a CPU with AVX512-BF16 or AMX)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on a GPU")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

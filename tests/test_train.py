@@ -190,7 +190,8 @@ def test_roc_auc_on_known_rankings() -> None:
     assert roc_auc(np.array([0.1, 0.2]), np.array([0, 0])) is None
 
 
-def test_cpu_bf16_autocast_is_used_where_the_cpu_has_it_and_the_model_saves_in_fp32(tmp_path: Path) -> None:
+def test_a_cpu_trains_in_fp32_even_with_amp_requested(tmp_path: Path) -> None:
+    # bf16 autocast on this CPU class gave NaN weights now and then; amp must not change CPU training.
     manifest = write_tiny_corpus(tmp_path / "corpus", n=10)
     saved = {}
     for amp in (True, False):
@@ -198,10 +199,7 @@ def test_cpu_bf16_autocast_is_used_where_the_cpu_has_it_and_the_model_saves_in_f
         train(TrainSettings(manifest=str(manifest), out=str(out), config="medfinder-tiny", epochs=1,
                             batch_size=4, max_steps=2, amp=amp, device="cpu"))
         model = MedFinder.from_pretrained(out)
-        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.state_dict().values()
-                   if p.is_floating_point())
+        assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
         saved[amp] = model.image.state_dict()
-    native_bf16 = autocast_enabled(torch.device("cpu"), True)
-    same = all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
-    assert same != native_bf16  # bf16 steps change the weights exactly where the CPU runs bf16
-    assert not autocast_enabled(torch.device("cpu"), False)
+    assert all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
+    assert not autocast_enabled(torch.device("cpu"), True) and not autocast_enabled(torch.device("cuda"), False)
