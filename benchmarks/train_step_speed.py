@@ -5,7 +5,7 @@ python benchmarks/train_step_speed.py [--config NAME] [--batch-size B] [--steps 
 One step = two augmented views of a batch of model-size inputs through the image tower,
 a backward pass and an AdamW update, as ``medfinder.train`` does it end to end. Prints JSON:
 median seconds per sample for fp32, fp32 with channels-last, and bf16 autocast with channels-last.
-Training on a CPU stays fp32: see ``medfinder.train.autocast_enabled`` for why.
+Training on a CPU stays fp32: the comment where ``medfinder.train.train`` sets ``amp`` says why.
 """
 
 from __future__ import annotations

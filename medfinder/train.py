@@ -7,8 +7,8 @@ Each step: two augmented views of every volume (small random affine + intensity 
 left-right flip, since reports state laterality) and a sampled window of its report's sentences;
 loss = symmetric InfoNCE of each view against the text (averaged) + ``view_weight`` x the views'
 consistency + optionally ``finding_weight`` x a finding loss against the label columns.
-AdamW with linear warmup and cosine decay; bf16 autocast on a GPU (not on a CPU, see
-``autocast_enabled``); DataLoader workers;
+AdamW with linear warmup and cosine decay; bf16 autocast on a GPU (not on a CPU: see where
+``train`` sets ``amp``); DataLoader workers;
 gradient accumulation (negatives stay per micro-batch). The split is the hash split of
 ``medfinder.datasets`` (80/10/10); the best epoch by validation text-to-image R@10 is saved in
 ``DIR`` (``config.json`` + ``model.safetensors``), the latest state in ``DIR/checkpoint`` for
@@ -156,17 +156,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_enabled(device: torch.device, wanted: bool) -> bool:
-    """bf16 autocast on a GPU only.
-
-    On a CPU with native bf16 (AVX512-BF16), bf16 autocast with channels-last 3D convolutions made
-    a training step 1.25x faster (benchmarks/train_step_speed.py), but with torch 2.13's oneDNN it
-    intermittently gave NaN weights after two steps of the tiny test model (1 run in about 15),
-    which fp32 never did; a CPU trains in fp32.
-    """
-    return wanted and device.type == "cuda"
-
-
 def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings,
                   label_head: nn.Module | None = None) -> list[dict[str, Any]]:
     decay: list[Any] = []
@@ -247,8 +236,11 @@ def validation_label_auc(model: MedFinder, label_head: nn.Module, dataset: CaseD
         return {}
     s, y, m = torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(masks).numpy()
     by_finding = {name: roc_auc(s[m[:, j], j], y[m[:, j], j]) for j, name in enumerate(dataset.finding_names)}
-    aucs = {name: round(a, 4) for name, a in by_finding.items() if a is not None}
-    return {"label_AUC": float(np.mean(list(aucs.values()))), "label_AUC_by_finding": aucs} if aucs else {}
+    aucs = {name: a for name, a in by_finding.items() if a is not None}
+    if not aucs:
+        return {}
+    return {"label_AUC": float(np.mean(list(aucs.values()))),
+            "label_AUC_by_finding": {name: round(a, 4) for name, a in aucs.items()}}
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -415,7 +407,10 @@ def train(
         text_rng.setstate(resume_payload["rngs"]["text"])
         torch.set_rng_state(resume_payload["rngs"]["torch"])
 
-    amp = autocast_enabled(device, settings.amp)
+    # bf16 autocast on a GPU only. On a CPU with native bf16 (AVX512-BF16) it made a step 1.25x
+    # faster (benchmarks/train_step_speed.py), but with torch 2.13's oneDNN it intermittently gave
+    # NaN weights after two steps of the tiny test model (1 run in about 15); fp32 never did.
+    amp = settings.amp and on_gpu
     log_path = out / LOG_FILE
     from tqdm.auto import tqdm
 
