@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError, ModelError
-from .evaluate import finding_names_of, retrieval_metrics
+from .evaluate import finding_names_of, keyword_precision, retrieval_metrics
 from .losses import FindingLoss, contrastive_loss, view_consistency_loss
 from .model import MedFinder, create_model_and_transforms, split_sentences
 from .volume import Volume
@@ -183,10 +183,13 @@ def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSe
 
 
 def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int,
-                      features: torch.Tensor | None = None) -> dict[str, float]:
+                      features: torch.Tensor | None = None) -> dict[str, Any]:
     """Text-to-image retrieval on the validation cases (full reports, no augmentation).
 
     ``features``: the image tower's outputs for ``dataset.usable_indices()``, when it is locked.
+    With finding labels, also single-finding precision@10 against the images alone (the
+    finding's name through ``encode_text``), the demo's other target, so that a run which
+    trades one for the other shows it in its log.
     """
     indices = dataset.usable_indices()
     if features is not None:
@@ -198,8 +201,7 @@ def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int,
         with torch.inference_mode():
             image_embeds = model.embed_image_features(features).double().cpu().numpy()
         model.train(was_training)
-        text_embeds = model.encode_text(reports).double().numpy()
-        return retrieval_metrics(text_embeds @ image_embeds.T)
+        return _retrieval_validation(model, dataset, indices, image_embeds, reports)
     images, reports = [], []
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start : start + batch_size]]
@@ -210,9 +212,20 @@ def validation_recall(model: MedFinder, dataset: CaseDataset, batch_size: int,
         reports.extend(batch["report"])
     if len(reports) < 2:
         return {}
-    image_embeds = torch.cat(images).double().numpy()
+    return _retrieval_validation(model, dataset, indices, torch.cat(images).double().numpy(), reports)
+
+
+def _retrieval_validation(model: MedFinder, dataset: CaseDataset, indices: Sequence[int],
+                          image_embeds: np.ndarray, reports: list[str]) -> dict[str, Any]:
     text_embeds = model.encode_text(reports).double().numpy()
-    return retrieval_metrics(text_embeds @ image_embeds.T)
+    result: dict[str, Any] = retrieval_metrics(text_embeds @ image_embeds.T)
+    if dataset.finding_names:
+        labels = np.array([[dataset.records[i].labels.get(n, 0) for n in dataset.finding_names] for i in indices])
+        names = model.encode_text(dataset.finding_names).double().numpy()
+        keyword = keyword_precision(names @ image_embeds.T, labels, dataset.finding_names, ks=(10,))
+        if keyword["per_finding"]:
+            result["keyword_P@10"] = keyword["mean"]["P@10"]
+    return result
 
 
 def validation_label_auc(model: MedFinder, label_head: nn.Module, dataset: CaseDataset,
@@ -512,7 +525,7 @@ def train(
             handle.write(json.dumps(summary) + "\n")
         tqdm.write(
             f"epoch {state.epoch}: loss {summary['loss']:.4f}  "
-            + "  ".join(f"val {k} {v:.3f}" for k, v in validation.items() if k in ("R@10", "label_AUC"))
+            + "  ".join(f"val {k} {v:.3f}" for k, v in validation.items() if k in ("R@10", "keyword_P@10", "label_AUC"))
             + f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
         )
     result = {

@@ -23,6 +23,7 @@ from medfinder.train import (
     sample_report,
     train,
     validation_label_auc,
+    validation_recall,
 )
 
 
@@ -130,6 +131,29 @@ def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
     projection_before = before.image_projection.state_dict()
     projection_after = after.image_projection.state_dict()
     assert any(not torch.equal(projection_before[k], projection_after[k]) for k in projection_before)
+
+
+def test_validation_reports_single_finding_precision_against_images_only(tmp_path: Path) -> None:
+    # The demo has two targets; a stage-2 log that showed only R@10 would hide a run that buys
+    # report matching with keyword precision.
+    import numpy as np
+
+    from medfinder.evaluate import embed_cases, keyword_precision
+    from medfinder.model import create_model_and_transforms
+
+    records = read_manifest(write_tiny_corpus(tmp_path / "corpus", n=8))
+    names = finding_names_of(records)
+    model, preprocessor = create_model_and_transforms("medfinder-tiny")
+    model.eval()
+    with_labels = validation_recall(model, CaseDataset(records, preprocessor, names), batch_size=4)
+    images, _, kept, _ = embed_cases(model, records)
+    labels = np.array([[r.labels.get(n, 0) for n in names] for r in kept])
+    expected = keyword_precision(model.encode_text(names).double().numpy() @ images.double().numpy().T,
+                                 labels, names, ks=(10,))["mean"]["P@10"]
+    assert with_labels["keyword_P@10"] == pytest.approx(expected)
+    assert "R@10" in with_labels
+    without = validation_recall(model, CaseDataset(records, preprocessor), batch_size=4)
+    assert "keyword_P@10" not in without and without["R@10"] == with_labels["R@10"]
 
 
 def test_locked_image_stage_fixes_the_centres_after_warmup(tmp_path: Path) -> None:
