@@ -161,6 +161,11 @@ def finding_names_of(records: Sequence[CaseRecord]) -> list[str]:
     return list(dict.fromkeys(name for r in records for name in r.labels))
 
 
+def label_matrix(records: Sequence[CaseRecord], names: Sequence[str]) -> np.ndarray:
+    """(cases, findings) 0/1 labels; a finding a record does not state counts as absent."""
+    return np.array([[r.labels.get(n, 0) for n in names] for r in records], dtype=np.int64).reshape(len(records), len(names))
+
+
 def evaluate_model(
     model: Any,
     records: Sequence[CaseRecord],
@@ -172,7 +177,7 @@ def evaluate_model(
     if len(kept) < 2:
         raise MedFinderError(f"Only {len(kept)} case(s) with a usable image and report; evaluation needs at least 2.")
     names = finding_names_of(kept)
-    labels = np.array([[r.labels.get(n, 0) for n in names] for r in kept], dtype=np.int64).reshape(len(kept), len(names))
+    labels = label_matrix(kept, names)
     finding_embeds = model.encode_text(names) if names else None
     result = evaluate_embeddings(image_embeds, text_embeds, labels, names, finding_embeds)
     result["cases"] = len(kept)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError, ModelError
-from .evaluate import finding_names_of, keyword_precision, retrieval_metrics
+from .evaluate import finding_names_of, keyword_precision, label_matrix, retrieval_metrics
 from .losses import FindingLoss, contrastive_loss, view_consistency_loss
 from .model import MedFinder, create_model_and_transforms, split_sentences
 from .volume import Volume
@@ -220,7 +220,7 @@ def _retrieval_validation(model: MedFinder, dataset: CaseDataset, indices: Seque
     text_embeds = model.encode_text(reports).double().numpy()
     result: dict[str, Any] = retrieval_metrics(text_embeds @ image_embeds.T)
     if dataset.finding_names:
-        labels = np.array([[dataset.records[i].labels.get(n, 0) for n in dataset.finding_names] for i in indices])
+        labels = label_matrix([dataset.records[i] for i in indices], dataset.finding_names)
         names = model.encode_text(dataset.finding_names).double().numpy()
         keyword = keyword_precision(names @ image_embeds.T, labels, dataset.finding_names, ks=(10,))
         if keyword["per_finding"]:
