@@ -8,11 +8,13 @@ its training; the MedFinder release min-max scaled each volume and ignored spaci
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
@@ -22,6 +24,7 @@ from monai.transforms import (
     CropForegroundd,
     EnsureTyped,
     Orientationd,
+    MapTransform,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
@@ -42,6 +45,11 @@ class PreprocessConfig:
     and clipped, so a lung window and a mediastinal window can feed the encoder side by side.
     ``shape`` is the model input in RAS axis order (x, y, z) after resampling to ``spacing``
     mm; the body is cropped first, then centred and padded (with air) or cropped to shape.
+
+    Windows listed in ``peak_windows`` are read from a copy of the volume in which every voxel
+    holds the maximum of its neighbourhood, as wide as one model voxel, before resampling. A
+    small calcification interpolated onto a 4 mm grid loses part of its peak HU whenever it
+    falls between samples; taken as a local maximum it keeps it.
     """
 
     name: str
@@ -50,13 +58,24 @@ class PreprocessConfig:
     windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
     crop_foreground: bool = True
     interpolation: str = "bilinear"
+    peak_windows: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        outside = [i for i in self.peak_windows if not 0 <= i < len(self.windows)]
+        if outside:
+            raise ValueError(f"peak window {outside[0]} is not one of the {len(self.windows)} windows")
 
     @property
     def in_channels(self) -> int:
         return len(self.windows)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Written only when used, so a config saved before the field existed serialises (and
+        # so fingerprints) exactly as it did: indexes built with that model still open.
+        if not self.peak_windows:
+            del data["peak_windows"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
@@ -67,6 +86,7 @@ class PreprocessConfig:
             windows=tuple((float(lo), float(hi)) for lo, hi in data.get("windows", ((-1000, 1000),))),
             crop_foreground=bool(data.get("crop_foreground", True)),
             interpolation=str(data.get("interpolation", "bilinear")),
+            peak_windows=tuple(int(i) for i in data.get("peak_windows", ())),
         )
 
 
@@ -109,6 +129,45 @@ def get_preset(name: str) -> PreprocessConfig:
         raise KeyError(f"Unknown preprocessing preset {name!r}; choose one of {sorted(PRESETS)}.") from None
 
 
+class LocalMaximumd(MapTransform):
+    """Replace each voxel by the maximum over a box one target voxel wide (odd, per axis).
+
+    The box is sized from the image's own spacing, so a 0.7 mm scan and a 2.2 mm one both
+    end with every source voxel within reach of some sample of the ``spacing`` grid.
+    """
+
+    def __init__(self, keys: KeysCollection, spacing: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.spacing = tuple(float(s) for s in spacing)
+
+    def __call__(self, data: Any) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            pixdim = [float(p) for p in image.pixdim]
+            radii = [math.ceil(t / p / 2) if t > p else 0 for t, p in zip(self.spacing, pixdim)]
+            d[key] = MetaTensor(_box_maximum(image.as_tensor(), radii), meta=image.meta)
+        return d
+
+
+def _box_maximum(image: torch.Tensor, radii: Sequence[int]) -> torch.Tensor:
+    """Maximum over a (2r+1)-box per spatial axis of a (C, x, y, z) tensor, one axis at a time.
+
+    Shifted elementwise maxima: ``F.max_pool3d`` with stride 1 takes 300 ms at 160x160x128 on
+    2 cores, this 12 ms.
+    """
+    out = image
+    for axis, radius in enumerate(radii, start=1):
+        n = out.shape[axis]
+        source, out = out, out.clone()
+        for shift in range(1, min(radius, n - 1) + 1):
+            ahead = out.narrow(axis, shift, n - shift)
+            ahead.copy_(torch.maximum(ahead, source.narrow(axis, 0, n - shift)))
+            behind = out.narrow(axis, 0, n - shift)
+            behind.copy_(torch.maximum(behind, source.narrow(axis, shift, n - shift)))
+    return out
+
+
 def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), reversed_axes: bool = False) -> Compose:
     """MONAI dictionary transforms acting on ``{"image": MetaTensor (1, x, y, z) in HU}``.
 
@@ -119,10 +178,12 @@ def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), revers
     ``extra`` transforms (training augmentations) run after resampling and before windowing,
     so they act in HU and in millimetres.
     """
-    keys = ["image"]
+    keys = ["image", "peak"] if config.peak_windows else ["image"]
     pixdim = tuple(reversed(config.spacing)) if reversed_axes else config.spacing
-    steps: list[Any] = [
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+    steps: list[Any] = [EnsureTyped(keys="image", dtype=torch.float32, track_meta=True)]
+    if config.peak_windows:
+        steps += [CopyItemsd(keys="image", names="peak"), LocalMaximumd(keys="peak", spacing=pixdim)]
+    steps += [
         Spacingd(keys=keys, pixdim=pixdim, mode=config.interpolation, padding_mode="border"),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
@@ -141,10 +202,10 @@ def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), revers
     for i, (lo, hi) in enumerate(config.windows):
         key = f"window{i}"
         channel_keys.append(key)
-        steps.append(CopyItemsd(keys="image", names=key))
+        steps.append(CopyItemsd(keys="peak" if i in config.peak_windows else "image", names=key))
         steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     steps.append(ConcatItemsd(keys=channel_keys, name="image", dim=0))
-    steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=config.shape))
+    steps.append(ResizeWithPadOrCropd(keys="image", spatial_size=config.shape))
     steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
     return Compose(steps)
 

@@ -49,11 +49,14 @@ STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
+DEFAULT_CONFIG = "medfinder-demo"
+
+
 @dataclass
 class TrainSettings:
     manifest: str  # one CSV, or several joined by os.pathsep (their case ids must not collide)
     out: str
-    config: str = "medfinder-demo"
+    config: str | None = None  # None: --init's own config, else DEFAULT_CONFIG
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -351,7 +354,12 @@ def train(
         model = MedFinder.from_pretrained(checkpoint)
         preprocessor = model.make_preprocessor()
     else:
-        model, preprocessor = create_model_and_transforms(settings.init or settings.config)
+        # An explicit config with --init keeps the weights but takes the config's preprocessing
+        # (say, a new HU window): the tensors must still fit, or load_weights names the mismatch.
+        if settings.config is not None and settings.init:
+            model, preprocessor = create_model_and_transforms(settings.config, pretrained=settings.init)
+        else:
+            model, preprocessor = create_model_and_transforms(settings.init or settings.config or DEFAULT_CONFIG)
     model.to(device)
 
     records = list(records) if records is not None else read_manifests(settings.manifest.split(os.pathsep))
@@ -572,8 +580,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     p.add_argument("--manifest", required=True, nargs="+",
                    help="manifest CSV(s): case_id,image,report,labels... (several are joined)")
     p.add_argument("--out", required=True, help="output model folder (best checkpoint; resume state inside)")
-    p.add_argument("--config", default=defaults.config, help="bundled config name or JSON path")
-    p.add_argument("--init", default=None, help="start from this model folder's weights")
+    p.add_argument("--config", default=None,
+                   help=f"bundled config name or JSON path (default {DEFAULT_CONFIG}, or --init's own config)")
+    p.add_argument("--init", default=None,
+                   help="start from this model folder's weights (in --config's architecture and "
+                        "preprocessing when both are given)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)

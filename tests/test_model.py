@@ -219,3 +219,22 @@ def test_finding_loss_rewards_images_near_their_findings_text() -> None:
     assert loss(aligned, findings, labels) < loss(misaligned, findings, labels)
     unknown = torch.tensor([[True, True, True], [False, False, False]])
     assert torch.isclose(loss(aligned, findings, labels, unknown), loss(aligned[:1], findings, labels[:1]))
+
+
+def test_the_shipped_demo_model_still_has_the_fingerprint_it_was_saved_with() -> None:
+    # Indexes record this fingerprint; if reading the config changed how it serialises (a new
+    # field with a default, say), every index built with these weights would stop opening.
+    from medfinder.demo import DEMO_MODEL_DIR
+
+    recorded = json.loads((DEMO_MODEL_DIR / "config.json").read_text())["fingerprint"]
+    assert MedFinder.from_pretrained(DEMO_MODEL_DIR).fingerprint == recorded
+
+
+def test_the_demo_weights_load_into_the_calcium_peak_config() -> None:
+    # The README's `--init assets/model --config medfinder-demo-peak` relies on this.
+    from medfinder.demo import DEMO_MODEL_DIR
+
+    model, preprocessor = create_model_and_transforms("medfinder-demo-peak", pretrained=DEMO_MODEL_DIR)
+    shipped = MedFinder.from_pretrained(DEMO_MODEL_DIR)
+    assert preprocessor.config.peak_windows == (2,) and preprocessor.config.windows[2] == (150.0, 1000.0)
+    assert all(torch.equal(v, shipped.image.state_dict()[k]) for k, v in model.image.state_dict().items())

@@ -225,3 +225,36 @@ def test_a_cpu_trains_in_fp32_even_with_amp_requested(tmp_path: Path) -> None:
         assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
         saved[amp] = model.image.state_dict()
     assert all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
+
+
+def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
+    """--init with --config: the tower keeps its weights and learns under the config's new window."""
+    from medfinder.errors import ModelError
+    from medfinder.model import load_config
+
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=10)
+    stage1 = tmp_path / "stage1"
+    train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
+                        batch_size=4, max_steps=1, label_head_weight=1.0, contrastive_weight=0.0))
+    tiny = load_config("medfinder-tiny")
+    rewindowed = {**tiny, "preprocess": {**tiny["preprocess"], "windows": [[-1000.0, 200.0]] * len(tiny["preprocess"]["windows"]),
+                                         "peak_windows": [0]}}
+    config = tmp_path / "rewindowed.json"
+    config.write_text(json.dumps(rewindowed))
+    out = tmp_path / "continued"
+    train(TrainSettings(manifest=str(manifest), out=str(out), config=str(config), init=str(stage1), epochs=1,
+                        batch_size=4, max_steps=1, lr=1e-9, label_head_weight=1.0, contrastive_weight=0.0))
+    continued, start = MedFinder.from_pretrained(out / CHECKPOINT_DIR), MedFinder.from_pretrained(stage1)
+    assert continued.preprocess_config.peak_windows == (0,)
+    assert continued.preprocess_config.windows[0] == (-1000.0, 200.0)
+    fresh = MedFinder(load_config(str(config))).image.state_dict()
+    weights = [k for k, v in start.image.state_dict().items() if v.is_floating_point() and "running" not in k]
+    moved = sum(float((continued.image.state_dict()[k] - start.image.state_dict()[k]).abs().sum()) for k in weights)
+    apart = sum(float((fresh[k] - start.image.state_dict()[k]).abs().sum()) for k in weights)
+    assert moved < 1e-3 * apart  # started from stage 1's weights, not from a fresh draw
+
+    wider = {**tiny, "image": {**tiny["image"], "widths": [w * 2 for w in tiny["image"]["widths"]]}}
+    config.write_text(json.dumps(wider))
+    with pytest.raises(ModelError, match="another architecture"):
+        train(TrainSettings(manifest=str(manifest), out=str(tmp_path / "wider"), config=str(config),
+                            init=str(stage1), epochs=1, batch_size=4, max_steps=1))
