@@ -79,12 +79,14 @@ def test_real_ct_through_demo_preset(ct_nifti):
     assert torch.isfinite(x).all()
 
 
-def _spot_volume(offset_mm: float) -> "object":
+def _spot_volume(offset_mm: float, fortran: bool = False) -> "object":
     """Soft tissue (40 HU) with one 2.2 mm voxel of calcium (800 HU) at ``offset_mm`` along x."""
     spacing = (2.2, 2.2, 2.5)
     hu = np.full((61, 61, 41), 40, np.int16)
     hu[:2], hu[-2:] = -1000, -1000  # air at the sides, so the body crop has edges
     hu[30 + int(round(offset_mm / 2.2)), 30, 20] = 800
+    # A NIfTI's voxels are Fortran-ordered and take the reversed-axes pipeline: both must agree.
+    hu = np.asfortranarray(hu) if fortran else hu
     return volume_from_array(hu, np.diag([*spacing, 1.0]), source="spot")
 
 
@@ -106,6 +108,7 @@ def test_peak_window_keeps_a_small_calcification_that_point_sampling_dilutes(off
     # over the whole box: the channel is a local maximum, not a dilation of everything.
     torch.testing.assert_close(peak[0], sampled[0])
     assert int((peak[1] > 0.5 * expected).sum()) <= 8
+    torch.testing.assert_close(Preprocessor(PEAK)(_spot_volume(offset_mm, fortran=True)), peak)
 
 
 def test_peak_windows_round_trip_and_old_configs_read_without_them() -> None:
