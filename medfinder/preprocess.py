@@ -23,8 +23,8 @@ from monai.transforms import (
     CopyItemsd,
     CropForegroundd,
     EnsureTyped,
-    Orientationd,
     MapTransform,
+    Orientationd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
@@ -206,7 +206,7 @@ def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), revers
         steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     steps.append(ConcatItemsd(keys=channel_keys, name="image", dim=0))
     steps.append(ResizeWithPadOrCropd(keys="image", spatial_size=config.shape))
-    steps.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    steps.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 

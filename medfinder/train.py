@@ -354,12 +354,12 @@ def train(
         model = MedFinder.from_pretrained(checkpoint)
         preprocessor = model.make_preprocessor()
     else:
-        # An explicit config with --init keeps the weights but takes the config's preprocessing
-        # (say, a new HU window): the tensors must still fit, or load_weights names the mismatch.
-        if settings.config is not None and settings.init:
-            model, preprocessor = create_model_and_transforms(settings.config, pretrained=settings.init)
-        else:
-            model, preprocessor = create_model_and_transforms(settings.init or settings.config or DEFAULT_CONFIG)
+        # --init alone is a model folder that brings its own config. With an explicit --config
+        # its weights go into that config (say, a new HU window): the tensors must still fit, or
+        # load_weights names the mismatch.
+        model, preprocessor = create_model_and_transforms(
+            settings.config or settings.init or DEFAULT_CONFIG, pretrained=settings.init if settings.config else None
+        )
     model.to(device)
 
     records = list(records) if records is not None else read_manifests(settings.manifest.split(os.pathsep))

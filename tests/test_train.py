@@ -237,8 +237,8 @@ def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
     train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
                         batch_size=4, max_steps=1, label_head_weight=1.0, contrastive_weight=0.0))
     tiny = load_config("medfinder-tiny")
-    rewindowed = {**tiny, "preprocess": {**tiny["preprocess"], "windows": [[-1000.0, 200.0]] * len(tiny["preprocess"]["windows"]),
-                                         "peak_windows": [0]}}
+    windows = [[-1000.0, 200.0]] * len(tiny["preprocess"]["windows"])
+    rewindowed = {**tiny, "preprocess": {**tiny["preprocess"], "windows": windows, "peak_windows": [0]}}
     config = tmp_path / "rewindowed.json"
     config.write_text(json.dumps(rewindowed))
     out = tmp_path / "continued"
