@@ -70,6 +70,7 @@ class TrainSettings:
     view_weight: float = 0.5
     finding_weight: float = 0.0
     label_head_weight: float = 0.0  # a training-only linear classifier on image-tower features
+    label_balance: float = 0.0  # label head: positives weigh (negatives / positives) ** this (0 = off, 1 = balanced)
     lock_image: bool = False  # LiT: train projections and temperature on cached image-tower features
     feature_views: int = 4  # augmented views per volume cached when the image tower is locked
     full_report_probability: float = 0.5
@@ -392,6 +393,9 @@ def train(
     finding_loss = FindingLoss().to(device)
     label_head = (nn.Linear(model.image.dim, len(finding_names)).to(device)
                   if settings.label_head_weight > 0 and finding_names else None)
+    # Rare findings (a hernia in 9 % of cases) otherwise give the tower little reason to see them.
+    pos_weight = (label_pos_weight([train_set.records[i] for i in usable], finding_names, settings.label_balance).to(device)
+                  if label_head is not None and settings.label_balance > 0 else None)
     bank = None
     if settings.lock_image:
         if not settings.cache:
@@ -487,7 +491,7 @@ def train(
                         finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
                         loss = loss + settings.finding_weight * finding
                     if label_head is not None and bank is None:
-                        head = sum(_masked_bce(label_head(f.float()), labels, mask) for f in features) / n_views
+                        head = sum(_masked_bce(label_head(f.float()), labels, mask, pos_weight) for f in features) / n_views
                         loss = loss + settings.label_head_weight * head
             (loss / settings.accumulate).backward()
             losses.append(float(loss.detach()))
@@ -568,8 +572,24 @@ def read_manifests(paths: Sequence[str]) -> list[CaseRecord]:
     return records
 
 
-def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+def label_pos_weight(records: Sequence[CaseRecord], names: Sequence[str], balance: float) -> torch.Tensor:
+    """(F,) weight of a positive label per finding: (negatives / positives) ** ``balance``.
+
+    Counts only the records that state the finding. A finding the training cases never show
+    keeps weight 1: there is nothing to balance.
+    """
+    weights = []
+    for name in names:
+        stated = [r.labels[name] for r in records if name in r.labels]
+        positives = sum(1 for v in stated if v == 1)
+        negatives = len(stated) - positives
+        weights.append((negatives / positives) ** balance if positives and negatives else 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none", pos_weight=pos_weight)
     mask = mask.float()
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -602,6 +622,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
                    help="weight of the auxiliary finding loss on the manifest's label columns (0 = off)")
     p.add_argument("--label-head-weight", type=float, default=defaults.label_head_weight,
                    help="weight of a training-only linear classifier on image-tower features (0 = off)")
+    p.add_argument("--label-balance", type=float, default=defaults.label_balance,
+                   help="weigh each finding's positives in the label head's loss by (negatives / positives) "
+                        "to this power: 0 = off, 0.5 = square root, 1 = fully balanced")
     p.add_argument("--lock-image", action="store_true",
                    help="keep the image tower of --init fixed and train projections and temperature on its "
                         "cached features (LiT); epochs then take seconds")
@@ -619,12 +642,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
         p.error("--lock-image keeps the image tower of --init fixed: give --init MODEL_DIR")
     if a.epochs < 1 or a.batch_size < 2 or a.accumulate < 1 or a.workers < 0 or a.lr <= 0:
         p.error("--epochs and --accumulate must be >= 1, --batch-size >= 2, --workers >= 0 and --lr > 0")
+    if not 0 <= a.label_balance <= 1:
+        p.error(f"--label-balance must be between 0 and 1, not {a.label_balance}")
     settings = TrainSettings(
         manifest=os.pathsep.join(a.manifest), out=a.out, config=a.config, init=a.init, epochs=a.epochs, batch_size=a.batch_size,
         lr=a.lr, text_lr=a.text_lr, weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction,
         accumulate=a.accumulate, workers=a.workers, seed=a.seed, view_weight=a.view_weight,
         contrastive_weight=a.contrastive_weight,
-        finding_weight=a.finding_weight, label_head_weight=a.label_head_weight, lock_image=a.lock_image,
+        finding_weight=a.finding_weight, label_head_weight=a.label_head_weight, label_balance=a.label_balance,
+        lock_image=a.lock_image,
         feature_views=a.feature_views, full_report_probability=a.full_report_probability,
         min_window_fraction=a.min_window_fraction, cache=not a.no_cache, amp=not a.no_amp, device=a.device,
         max_steps=a.max_steps,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_datasets import write_tiny_corpus
 
-from medfinder.datasets import CaseDataset, read_manifest, split_of
+from medfinder.datasets import CaseDataset, CaseRecord, read_manifest, split_of
 from medfinder.evaluate import finding_names_of
 from medfinder.model import MedFinder, split_sentences
 from medfinder.train import (
@@ -18,7 +18,9 @@ from medfinder.train import (
     LOG_FILE,
     STATE_FILE,
     TrainSettings,
+    _masked_bce,
     augment_volumes,
+    label_pos_weight,
     main,
     sample_report,
     train,
@@ -104,8 +106,10 @@ def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=14)
     stage1 = tmp_path / "stage1"
     first = train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
-                                batch_size=4, max_steps=2, label_head_weight=1.0, contrastive_weight=0.0))
+                                batch_size=4, max_steps=2, label_head_weight=1.0, contrastive_weight=0.0,
+                                label_balance=0.5))
     assert first["steps"] == 2 and first["best_val_metric"] == "label_AUC"
+    assert first["settings"]["label_balance"] == 0.5  # the run's record says how its findings were weighed
     head = torch.load(stage1 / CHECKPOINT_DIR / STATE_FILE, weights_only=True)["label_head"]
     assert head is not None and head["weight"].shape[0] >= 1  # one row per label column
 
@@ -178,6 +182,30 @@ def test_locked_image_stage_fixes_the_centres_after_warmup(tmp_path: Path) -> No
     assert torch.equal(centres["one"][0], centres["many"][0]) and torch.equal(centres["one"][1], centres["many"][1])
     stage1_centre = MedFinder.from_pretrained(stage1).image_centering.center
     assert not torch.equal(stage1_centre, centres["many"][0])  # it did follow the batches while warming up
+
+
+def test_label_balance_weighs_the_positives_of_rare_findings() -> None:
+    # 2 of 10 cases show a hernia; 3 of the 9 that state effusion show it; nobody has a mass.
+    records = [CaseRecord(case_id=str(i), image=None, report="",
+                          labels={"Hiatal hernia": int(i < 2), "Lung mass": 0, **({"Pleural effusion": int(i < 4)} if i else {})})
+               for i in range(10)]
+    names = ["Hiatal hernia", "Pleural effusion", "Lung mass"]
+    assert label_pos_weight(records, names, 1.0).tolist() == pytest.approx([4.0, 2.0, 1.0])  # 8/2, 6/3 of the 9 stating it
+    assert label_pos_weight(records, names, 0.5).tolist() == pytest.approx([2.0, 2 ** 0.5, 1.0])
+    assert label_pos_weight(records, names, 0.0).tolist() == [1.0, 1.0, 1.0]
+
+    # In the label head's loss a positive then counts that many times; a negative and an unstated label do not change.
+    logits, mask = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0]])
+    weighted = _masked_bce(logits, labels, mask, label_pos_weight(records, names, 1.0))
+    plain = _masked_bce(logits, labels, mask)
+    assert float(weighted) == pytest.approx(float(plain) * (4 + 4) / 5)  # 5 known labels, 1 positive weighing 4
+
+
+def test_label_balance_out_of_range_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m"), "--label-balance", "2"])
+    assert exit_info.value.code == 2 and "--label-balance must be between 0 and 1, not 2.0" in capsys.readouterr().err
 
 
 def test_lock_image_without_init_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
