@@ -31,6 +31,7 @@ from medfinder.demo import (  # noqa: E402
     BUNDLED_EXAMPLES_DIR,
     DEMO_INDEX_DIR,
     ensure_demo_examples,
+    demo_index_is_current,
     ensure_demo_index,
     examples_dir,
 )
@@ -80,8 +81,9 @@ def searcher() -> Searcher:
     global _searcher
     if _searcher is None:
         index_dir = Path(os.environ.get("MEDFINDER_INDEX", DEMO_INDEX_DIR))
-        if not (index_dir / "index.json").exists() and index_dir == DEMO_INDEX_DIR:
-            print("Building the demo index from synthetic phantoms (first start only)...", flush=True)
+        # A demo index left by older weights is rebuilt, not refused: it is synthetic, made from a seed.
+        if index_dir == DEMO_INDEX_DIR and not demo_index_is_current(index_dir):
+            print("Building the demo index from synthetic phantoms (first start, or new weights)...", flush=True)
             ensure_demo_index(index_dir)
         _searcher = Searcher.open(index_dir, os.environ.get("MEDFINDER_MODEL") or None)
     return _searcher

@@ -44,23 +44,38 @@ def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, see
     return index_dir
 
 
+def demo_index_is_current(index_dir: Path = DEMO_INDEX_DIR, model_dir: Path = DEMO_MODEL_DIR) -> bool:
+    """True when a committed demo index is there and was built by the current demo weights."""
+    from medfinder.errors import MedFinderError
+    from medfinder.index import CaseIndex
+    from medfinder.model import read_fingerprint
+
+    if not (Path(index_dir) / "index.json").exists():
+        return False
+    try:
+        built_with = CaseIndex.read_info(Path(index_dir))["model"].get("fingerprint")
+    except (MedFinderError, OSError, ValueError, KeyError):
+        return False
+    return built_with is not None and built_with == read_fingerprint(model_dir)
+
+
 def _drop_if_built_by_another_model(index_dir: Path, model_dir: Path) -> None:
     """After new demo weights, the old demo index cannot be searched with them; it is synthetic
     and rebuilt from its seed, so it is removed rather than refused."""
-    import json
     import logging
     import shutil
 
     from medfinder.errors import MedFinderError
     from medfinder.index import CaseIndex
+    from medfinder.model import read_fingerprint
 
     if not (index_dir / "index.json").exists():
         return
     try:
         built_with = CaseIndex.read_info(index_dir)["model"].get("fingerprint")
-        current = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("fingerprint")
     except (MedFinderError, OSError, ValueError, KeyError):
         return  # let the build report what is wrong
+    current = read_fingerprint(model_dir)
     if built_with and current and built_with != current:
         logging.getLogger("medfinder.demo").warning(
             "The demo index in %s was built with another model (%s); rebuilding it for %s.", index_dir, built_with, current)

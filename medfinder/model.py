@@ -603,6 +603,14 @@ class MedFinder(nn.Module):
         return model
 
 
+def read_fingerprint(directory: str | Path) -> str | None:
+    """The fingerprint a saved model folder records, without loading it (None if it has none)."""
+    try:
+        return json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def create_model_and_transforms(
     config: str | Path | Mapping[str, Any], pretrained: str | Path | None = None
 ) -> tuple[MedFinder, Preprocessor]:

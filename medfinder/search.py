@@ -298,10 +298,22 @@ def _merge_query_filters(filters: SearchFilters, query: Any) -> SearchFilters:
 
 
 def _recorded_model_dir(index_dir: Path) -> Path:
-    """The model folder recorded in the index, else the demo model shipped in assets/."""
-    recorded = CaseIndex.read_info(index_dir)["model"]["id"]
-    if Path(recorded).is_dir():
-        return Path(recorded)
-    from .paths import DEMO_MODEL_DIR
+    """The model folder recorded in the index; if it has moved, the shipped demo model when it is that model.
 
-    return DEMO_MODEL_DIR
+    An index copied to another machine records a path that no longer exists there. The demo
+    model is taken in its place only when its fingerprint is the recorded one, so a moved
+    index of another model gets a sentence saying what to pass, not a fingerprint mismatch.
+    """
+    from .demo import DEMO_MODEL_DIR
+    from .model import read_fingerprint
+
+    info = CaseIndex.read_info(index_dir)["model"]
+    recorded = Path(info["id"])
+    if recorded.is_dir():
+        return recorded
+    if read_fingerprint(DEMO_MODEL_DIR) == info["fingerprint"]:
+        return DEMO_MODEL_DIR
+    raise MedFinderError(
+        f"The model folder {recorded} that built the case index at {index_dir} does not exist here; "
+        f"pass the model folder with fingerprint {info['fingerprint']} (--model)."
+    )

@@ -491,16 +491,20 @@ def test_demo_index_built_by_other_weights_is_rebuilt_not_refused(tmp_path, tiny
 
     import torch
 
-    from medfinder.demo import _drop_if_built_by_another_model
+    from medfinder.demo import _drop_if_built_by_another_model, demo_index_is_current
     from medfinder.model import create_model_and_transforms
 
     index_dir = tmp_path / "demo_index"
+    assert not demo_index_is_current(index_dir, tiny_model_dir)  # nothing there yet: the app builds it
     shutil.copytree(tiny_index, index_dir)
+    assert demo_index_is_current(index_dir, tiny_model_dir)
     _drop_if_built_by_another_model(index_dir, tiny_model_dir)
     assert (index_dir / "index.json").exists()  # same weights: kept
 
     torch.manual_seed(1)
     other, _ = create_model_and_transforms("medfinder-tiny")
     other_dir = other.save_pretrained(tmp_path / "new_weights")
+    # After new weights the app's start sees a stale index (and rebuilds it) instead of failing to open it.
+    assert not demo_index_is_current(index_dir, other_dir)
     _drop_if_built_by_another_model(index_dir, other_dir)
     assert not index_dir.exists()

@@ -142,6 +142,31 @@ def test_other_model_is_refused(tiny_index, tmp_path):
         Searcher.open(tiny_index, other.save_pretrained(tmp_path / "other"))
 
 
+def test_a_moved_index_finds_its_model_or_says_what_to_pass(tiny_index, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from medfinder.cli import main
+    from medfinder.cli_support import run_guarded
+
+    moved = tmp_path / "moved_index"
+    shutil.copytree(tiny_index, moved)
+    info = json.loads((moved / "index.json").read_text())
+    info["model"]["id"] = str(tmp_path / "elsewhere" / "model")  # the folder it was built with is gone
+    (moved / "index.json").write_text(json.dumps(info))
+
+    # The shipped demo model is another model: one sentence naming the missing folder, CLI exit 2.
+    with pytest.raises(MedFinderError, match=r"elsewhere/model that built the case index .* does not exist here"):
+        Searcher.open(moved)
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(lambda: main(["search", "--index", str(moved), "--text", "pleural effusion"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "(--model)" in err[0]
+
+    # When the shipped model is the one that built it (a demo index copied elsewhere), it is used.
+    monkeypatch.setattr("medfinder.demo.DEMO_MODEL_DIR", tiny_model_dir)
+    assert Searcher.open(moved).search(text="pleural effusion", k=3)
+
+
 # ------------------------------------------------------------------ index_build
 def test_build_resumes_after_failure_and_skips_done_cases(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     from index_build import build as build_module
