@@ -48,9 +48,23 @@ def only(text: str, name: str):
     "There is no evidence of pleural effusion.",
     "Pleural effusion is absent.",
     "Examination of the pleural spaces: pleural effusion was not observed.",
+    # structured reports answer after a colon or a dash
+    "Pleural effusion: none.",
+    "Pleural effusion: absent.",
+    "Pleural effusion: no.",
+    "Pleural effusion: negative.",
+    "Pleural effusion - none.",
+    "Effusions: none",
+    "FINDINGS:\nPleural effusion: not seen\nEmphysema: moderate",
 ])
 def test_negated_mentions(text):
     assert statuses(text)["Pleural effusion"] == {"negated"}
+
+
+def test_a_structured_answer_negates_only_its_own_line():
+    s = statuses("FINDINGS:\nPneumothorax: none\nEmphysema: no change since the prior study\nPleural effusion: small, right")
+    assert s["Pneumothorax"] == {"negated"}
+    assert s["Emphysema"] == {"affirmed"} and s["Pleural effusion"] == {"affirmed"}
 
 
 def test_negation_does_not_reach_a_new_clause():
@@ -70,6 +84,10 @@ def test_negation_scope_is_bounded_in_long_sentences():
     ("Possible consolidation in the left lower lobe.", "Consolidation"),
     ("Findings suspicious for lymphadenopathy in the hilum.", "Lymphadenopathy"),
     ("Evaluate for pulmonary embolism.", "Pulmonary embolism"),
+    # "not excluded" keeps it possible: never a negation
+    ("Pleural effusion is not excluded.", "Pleural effusion"),
+    ("Pneumothorax not excluded.", "Pneumothorax"),
+    ("Pneumothorax is not ruled out.", "Pneumothorax"),
 ])
 def test_uncertain_mentions_are_neither_affirmed_nor_negated(text, name):
     assert statuses(text)[name] == {"uncertain"}
