@@ -604,7 +604,19 @@ def _stack_series(series: list[_Slice], max_voxels: int, label: str, n_series: i
             raise UnreadableVolumeError(
                 f"{label}: slice {k + 1} of {len(series)} cannot be decoded ({_short(exc)})."
             ) from None
-        hu = apply_modality_lut(pixels, s.header)
+        # A multi-frame slice or a colour image (a dose report or screenshot tagged CT) is not
+        # one greyscale plane of this series.
+        if pixels.shape != (first.rows, first.cols):
+            raise UnreadableVolumeError(
+                f"{label}: slice {k + 1} of {len(series)} is not a single greyscale {first.rows}x{first.cols} "
+                f"image (its pixel data has shape {'x'.join(map(str, pixels.shape))})."
+            )
+        try:
+            hu = apply_modality_lut(pixels, s.header)
+        except Exception as exc:
+            raise UnreadableVolumeError(
+                f"{label}: slice {k + 1} of {len(series)} has an unusable rescale to Hounsfield units ({_short(exc)})."
+            ) from None
         vol[:, :, k] = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16).T
         s.header = None  # free each slice's decoded pixels as we go
     row_spacing, col_spacing = first.pixel_spacing

@@ -271,6 +271,33 @@ def test_dicom_without_pixels_refused(tmp_path):
     _refused(tmp_path / "sr", errors.UnreadableVolumeError, "no image pixels")
 
 
+def _rewrite(path: Path, **changes) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for name, value in changes.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+
+
+def test_slices_that_are_not_one_greyscale_plane_refused(tmp_path):
+    # A colour screenshot tagged CT, a multi-frame slice, a rescale that is not a number:
+    # one sentence naming the folder, never a numpy broadcasting traceback.
+    files = write_series(tmp_path / "rgb", n=6, rows=32, cols=28)
+    _rewrite(files[2], SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
+             BitsAllocated=8, BitsStored=8, HighBit=7, PixelData=bytes(32 * 28 * 3))
+    _refused(tmp_path / "rgb", errors.UnreadableVolumeError, "is not a single greyscale 32x28 image")
+    files = write_series(tmp_path / "frames", n=6, rows=32, cols=28)
+    _rewrite(files[1], NumberOfFrames=2, PixelData=bytes(32 * 28 * 2 * 2))
+    _refused(tmp_path / "frames", errors.UnreadableVolumeError, "is not a single greyscale")
+    files = write_series(tmp_path / "slope", n=6)
+    slope = b"\x28\x00\x53\x10DS\x02\x001 "  # (0028,1053) RescaleSlope "1", explicit VR little endian
+    raw = files[3].read_bytes()
+    assert raw.count(slope) == 1
+    files[3].write_bytes(raw.replace(slope, b"\x28\x00\x53\x10DS\x04\x00abc "))
+    _refused(tmp_path / "slope", errors.UnreadableVolumeError, "rescale to Hounsfield units")
+
+
 def test_missing_duplicated_and_inconsistent_slices_refused(tmp_path):
     files = write_series(tmp_path / "gap", n=9)
     files[4].unlink()
