@@ -27,8 +27,9 @@ from medfinder.viewer import thumbnail_png
 
 log = logging.getLogger(__name__)
 
-#: Metadata columns copied into the index (everything else stays out: it may identify someone).
-KEPT_METADATA = ("sex", "age", "body_part", "split")
+#: Keys the dataset adapters use internally (split grouping, where a case came from); never case metadata.
+#: Every other manifest column is kept, except names that look identifying (CaseIndex drops those).
+INTERNAL_METADATA = ("patient_id", "source_name", "missing_image")
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _entries(model: Any, items: list[dict[str, Any]]) -> list[CaseEntry]:
     entries = []
     for item, vecs in zip(items, vectors):
         record: CaseRecord = item["record"]
-        metadata = {k: record.metadata[k] for k in KEPT_METADATA if k in record.metadata}
+        metadata = {k: v for k, v in record.metadata.items() if k not in INTERNAL_METADATA}
         entries.append(CaseEntry(
             case_id=record.case_id, vectors=vecs, report=record.report,
             source=record.metadata.get("source_name", str(record.image) if record.image is not None else ""),

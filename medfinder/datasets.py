@@ -174,6 +174,9 @@ def read_manifest(csv_path: str | Path, label_columns: Sequence[str] | None = No
     metadata_columns = [c for c in extra if c not in labels]
     records: list[CaseRecord] = []
     seen: dict[str, int] = {}
+    # Absolute, so that an index built from "manifest.csv" in one folder still finds its scans
+    # when the app or a search runs from another.
+    folder = path.parent.absolute()
     for line, row in enumerate(rows, start=2):
         case_id = row["case_id"].strip()
         if not case_id:
@@ -187,7 +190,7 @@ def read_manifest(csv_path: str | Path, label_columns: Sequence[str] | None = No
         records.append(
             CaseRecord(
                 case_id=case_id,
-                image=(path.parent / image) if image else None,
+                image=(folder / image) if image else None,
                 report=row["report"],
                 labels=_labels(row, labels),
                 metadata={c: _as_number(row[c].strip()) for c in metadata_columns if row.get(c, "").strip()},

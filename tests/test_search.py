@@ -197,6 +197,26 @@ def test_build_resumes_after_failure_and_skips_done_cases(tiny_model_dir, tiny_c
         assert index.case_ids() == {r.case_id for r in records}
 
 
+def test_build_keeps_extra_columns_and_finds_scans_from_any_folder(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    from index_build.build import build_index
+    from medfinder.datasets import read_manifest
+    from medfinder.index import CaseIndex
+
+    first = next(iter(_labels(tiny_corpus).values()))
+    (tmp_path / "images").mkdir()
+    shutil.copy(tiny_corpus.parent / first["image"], tmp_path / "images" / "a.nii.gz")
+    (tmp_path / "manifest.csv").write_text(
+        "case_id,image,report,sex,age,site,scanner,patient_name\n"
+        "a,images/a.nii.gz,Right pleural effusion.,F,64,north,CT-7,Jane Doe\n")
+    monkeypatch.chdir(tmp_path)
+    build_index(read_manifest(Path("manifest.csv")), tmp_path / "idx", model_dir=tiny_model_dir, progress=False)
+    monkeypatch.chdir(tmp_path.parent)  # the app runs elsewhere
+    with CaseIndex.open(tmp_path / "idx") as index:
+        case = index.get("a")
+    assert Path(case.source).is_absolute() and Path(case.source).exists()
+    assert case.metadata == {"sex": "F", "age": 64, "site": "north", "scanner": "CT-7"}  # the name is never stored
+
+
 def test_build_logs_and_counts_broken_cases(tiny_model_dir, tiny_corpus, tmp_path):
     from index_build.build import build_index
     from medfinder.datasets import CaseRecord
