@@ -260,6 +260,7 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="MedFinder — similar-case search for CT", delete_cache=(600, 3600),
                    analytics_enabled=False) as demo:
         query_volume = gr.State(None)
+        last_query = gr.State(None)  # "text" or "image": what "More results" pages
         result_volume = gr.State(None)
         results_state = gr.State([])
 
@@ -340,25 +341,30 @@ def build_app() -> gr.Blocks:
             # The best match opens in the case viewer straight away.
             volume = _case_volume(results[0]) if results else None
             return (results, _gallery(results), _table(results), head, marks, int(k), volume,
-                    _render(volume, pl, pos, w, l))
+                    _render(volume, pl, pos, w, l), "text")
 
-        text_outputs = [results_state, gallery, table, details, report, shown, result_volume, result_view]
+        text_outputs = [results_state, gallery, table, details, report, shown, result_volume, result_view, last_query]
         text_inputs = [query, include, exclude, sex, age_min, age_max, result_volume, *view_inputs]
         text_button.click(on_text, text_inputs, text_outputs, api_visibility="private")
         query.submit(on_text, text_inputs, text_outputs, api_visibility="private")
 
-        def on_image(files, ex, md, pl, pos, w, l, progress=gr.Progress()):
-            progress(0.1, desc="Loading the CT")
-            volume = load_query(files, ex)
+        def on_image(files, ex, md, qv, pl, pos, w, l, progress=gr.Progress()):
+            # An upload is deleted once read, so the loaded CT stays in the session and the file box
+            # is cleared: searching it again (say, for matching reports) reuses the loaded volume.
+            if files or ex or qv is None:
+                progress(0.1, desc="Loading the CT")
+                volume = load_query(files, ex)
+            else:
+                volume = qv
             progress(0.5, desc="Encoding and searching")
             results = _run_image(volume, md, DEFAULT_K)
             head, marks = _details(results, 0)
             return (volume, _volume_text(volume), _render(volume, pl, pos, w, l), results, _gallery(results),
-                    _table(results), head, marks, DEFAULT_K)
+                    _table(results), head, marks, DEFAULT_K, "image", None, None if files else ex)
 
-        image_button.click(on_image, [upload, example, mode, *view_inputs],
+        image_button.click(on_image, [upload, example, mode, query_volume, *view_inputs],
                            [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
-                            shown], api_visibility="private", **CT_QUEUE)
+                            shown, last_query, upload, example], api_visibility="private", **CT_QUEUE)
 
         def on_select(results, pl, pos, w, l, evt: gr.SelectData):
             i = evt.index if isinstance(evt.index, int) else evt.index[0]
@@ -369,10 +375,16 @@ def build_app() -> gr.Blocks:
         gallery.select(on_select, [results_state, *view_inputs], [result_volume, details, report, result_view],
                        api_visibility="private")
 
-        def on_more(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k):
-            return on_text(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k + DEFAULT_K)
+        def on_more(kind, qv, md, q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k):
+            if kind != "image" or qv is None:
+                return on_text(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k + DEFAULT_K)
+            results = _run_image(qv, md, int(k) + DEFAULT_K)
+            head, marks = _details(results, 0)
+            return (results, _gallery(results), _table(results), head, marks, int(k) + DEFAULT_K, rv,
+                    _render(rv, pl, pos, w, l), "image")
 
-        more.click(on_more, [*text_inputs, shown], text_outputs, api_visibility="private")
+        more.click(on_more, [last_query, query_volume, mode, *text_inputs, shown], text_outputs,
+                   api_visibility="private")
 
         # The stable API for gradio_client (documented in the README).
         api_k = gr.Number(value=DEFAULT_K, visible=False)

@@ -85,6 +85,36 @@ def test_corrupt_upload_is_a_clean_error_and_the_app_keeps_serving(client, tmp_p
     assert leftovers == []
 
 
+def _handler(blocks, name: str):
+    return next(f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def test_an_uploaded_ct_can_be_searched_again_and_paged(served_app, tiny_corpus):
+    import shutil
+
+    app_module = served_app[0]
+    blocks = app_module.build_app()
+    on_image, on_more = _handler(blocks, "on_image"), _handler(blocks, "on_more")
+    upload = app_module._UPLOAD_DIR / "a1b2" / "scan.nii.gz"  # where gradio puts an upload
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(next(tiny_corpus.parent.glob("images/*.nii.gz")), upload)
+    view = ("axial", 0.5, 1500, -600)
+
+    first = on_image([str(upload)], None, "Similar cases", None, *view, progress=lambda *a, **k: None)
+    volume, results, k, kind, upload_box = first[0], first[3], first[8], first[9], first[10]
+    assert not upload.exists() and upload_box is None  # read, deleted, and the file box cleared
+    assert len(results) == k == 10 and kind == "image"
+
+    # The file is gone; the loaded CT is not: asking for matching reports reuses it.
+    second = on_image(None, None, "Matching reports", volume, *view, progress=lambda *a, **k: None)
+    assert second[0] is volume and second[3] and second[3] != results
+
+    # "More results" after a CT search pages the CT search, even with the text box empty.
+    more = on_more("image", volume, "Similar cases", "", [], [], "any", 0, 100, None, *view, k)
+    assert [r.case_id for r in more[0][:10]] == [r.case_id for r in results]
+    assert len(more[0]) == 12 and more[5] == 20 and more[8] == "image"  # all 12 cases of the tiny index
+
+
 def test_empty_text_query_is_refused(client):
     with pytest.raises(Exception, match="Type findings"):
         client.predict("   ", [], [], "any", 0, 100, 3, api_name="/search_text")
