@@ -12,7 +12,7 @@ scales (benchmarks/fusion_compare.py compares it with a weighted sum of scores).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -190,7 +190,7 @@ class Searcher:
             raise MedFinderError("Give either a text query or an image to search with, not both or neither.")
         if k < 1:
             raise MedFinderError(f"The number of results must be at least 1, not {k}.")
-        filters = filters or SearchFilters()
+        filters = _canonical_filters(filters or SearchFilters())
         kind = "text" if image is None else "image"
         allowed = TEXT_CHANNELS if kind == "text" else IMAGE_CHANNELS
         wanted = tuple(channels) if channels else allowed
@@ -295,6 +295,34 @@ def _merge_query_filters(filters: SearchFilters, query: Any) -> SearchFilters:
         exclude_findings=tuple(dict.fromkeys((*filters.exclude_findings, *excluded))),
         sex=filters.sex, age_min=filters.age_min, age_max=filters.age_max, body_part=filters.body_part,
     )
+
+
+def finding_name(name: str) -> str:
+    """The lexicon's name for a finding a user typed ('pleural effusion', 'fluid on the lung').
+
+    Filters compare exact names, so an unresolved spelling would silently match nothing;
+    it is an error instead, and so is a word that names several findings.
+    """
+    from .reports import Lexicon, parse_query
+
+    lexicon = Lexicon.default()
+    canonical = lexicon.resolve(name)
+    if canonical is not None:
+        return canonical
+    query = parse_query(name)
+    found = query.include_findings
+    if len(found) == 1 and not query.exclude_findings:
+        return found[0]
+    if len(found) > 1:
+        raise MedFinderError(f"The finding {name!r} could mean {', '.join(found)}; name one of them.")
+    raise MedFinderError(f"{name!r} is not a finding MedFinder knows; use a name such as 'Pleural effusion'.")
+
+
+def _canonical_filters(filters: SearchFilters) -> SearchFilters:
+    if not filters.include_findings and not filters.exclude_findings:
+        return filters
+    return replace(filters, include_findings=tuple(finding_name(n) for n in filters.include_findings),
+                   exclude_findings=tuple(finding_name(n) for n in filters.exclude_findings))
 
 
 def _recorded_model_dir(index_dir: Path) -> Path:

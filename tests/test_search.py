@@ -100,6 +100,24 @@ def test_exclusion_in_query_and_filters(searcher, tiny_corpus):
 
 
 
+def test_filter_names_are_resolved_or_refused(searcher, tiny_index, capsys):
+    from medfinder.cli import main
+    from medfinder.cli_support import run_guarded
+
+    exact = searcher.search(text="heart", k=12, filters=SearchFilters(include_findings=("Pleural effusion",)))
+    assert exact  # the tiny corpus has effusions
+    for typed in ("pleural effusion", "PLEURAL EFFUSION", "fluid on the lung"):
+        typed_results = searcher.search(text="heart", k=12, filters=SearchFilters(include_findings=(typed,)))
+        assert [r.case_id for r in typed_results] == [r.case_id for r in exact]
+    # An unknown name used to match nothing, silently: an empty list read as "no such case".
+    with pytest.raises(MedFinderError, match="'banana' is not a finding"):
+        searcher.search(text="heart", filters=SearchFilters(exclude_findings=("banana",)))
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(lambda: main(["search", "--index", str(tiny_index), "--text", "heart", "--include", "banana"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "'banana' is not a finding" in err[0]
+
+
 def test_filtered_pages_are_the_filtered_full_ranking(searcher):
     """Records are read a chunk at a time; every page must still be the full ranking, filtered."""
     everything = searcher.search(text="pleural effusion", k=1000)
