@@ -77,6 +77,11 @@ class _PreparedCases(Dataset):
             item["error"] = str(exc)
         except Exception as exc:  # a broken case must never stop the build
             item["error"] = f"{type(exc).__name__}: {exc}"
+        hidden_source = record.metadata.get("source_name")
+        if item["error"] and hidden_source and record.image is not None:
+            # A DICOM tree's folders are often named after patients: the reason names the case id.
+            image = Path(record.image)
+            item["error"] = item["error"].replace(str(image), hidden_source).replace(image.name, hidden_source)
         return item
 
 

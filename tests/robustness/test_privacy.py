@@ -33,12 +33,23 @@ def _assert_clean(blob: bytes | str, where: str) -> None:
 
 def test_dicom_identifiers_never_reach_the_index_or_cli(tmp_path, tiny_model_dir, tiny_index):
     tree, archive = _phi_series(tmp_path)
+    # A second patient's folder holds a single slice: the reason it is skipped must not name them.
+    write_series(tree / "Roe^Richard^Fakeperson" / "FAKE-ID-77", n=1, rows=48, cols=48)
     out = tmp_path / "index"
     proc = subprocess.run([sys.executable, "-m", "index_build", "--dicom-tree", str(tree), "--out", str(out),
                            "--model", str(tiny_model_dir), "--quiet"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["added"] == 1
+    summary = json.loads(proc.stdout)
+    assert summary["added"] == 1 and summary["failed"] == 1
+    (case_id, reason), = summary["failures"].items()
+    assert "single slice" in reason and case_id in reason  # named by its case id
+    _assert_clean(proc.stdout + proc.stderr, "index_build output")
+    proc = subprocess.run([sys.executable, "-m", "index_build", "--dicom-tree", str(tree), "--out", str(out),
+                           "--model", str(tiny_model_dir)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "single slice" in proc.stderr  # the warning a build without --quiet logs...
+    _assert_clean(proc.stdout + proc.stderr, "index_build log")  # ...names no one either
     _assert_clean(proc.stdout + proc.stderr, "index_build output")
     for stored in out.rglob("*"):
         if stored.is_file():
