@@ -7,6 +7,7 @@ pictures through medfinder.viewer, files through medfinder.volume.
 from __future__ import annotations
 
 import atexit
+import base64
 import html
 import io
 import os
@@ -66,6 +67,8 @@ DEFAULT_K = 10
 HIGHLIGHT_COLORS = {"match": "#2e7d32", "negated": "#9e9e9e", "uncertain": "#f9a825", "present": "#1565c0"}
 CSS = """
 .viewer img {background:#000;}
+#query-view img {height:420px; width:100%; object-fit:contain; display:block;}
+#query-view .empty-view {height:420px; display:flex; align-items:center; justify-content:center; color:#888;}
 .viewer {background:#111 !important; border-radius:8px;}
 #banner {border-left:4px solid #f9a825; padding-left:8px;}
 .gradio-container {font-size:15px;}
@@ -101,6 +104,16 @@ def _render(volume: Volume | None, plane: str, position: float, window: float, l
         return None
     n = plane_size(volume, plane)
     return render_slice(volume, plane, round(position * (n - 1)), window, level)
+
+
+def _inline(image: Image.Image | None) -> str:
+    """The query CT's slice inlined as a PNG data URL. A gr.Image would write every slice of the
+    uploaded scan into the server's file cache, where it stays for up to an hour after the session."""
+    if image is None:
+        return '<div class="empty-view">Query CT</div>'
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f'<img alt="Query CT slice" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def _preset(name: str) -> tuple[float, float]:
@@ -297,8 +310,7 @@ def build_app() -> gr.Blocks:
                     level = gr.Slider(-1200, 1200, value=-600, step=1, label="Window level (HU)")
                 position = gr.Slider(0, 1, value=0.5, step=0.005, label="Slice position (linked)", elem_id="slice")
                 with gr.Row():
-                    query_view = gr.Image(label="Query CT", format="png", type="pil", interactive=False,
-                                          elem_classes="viewer", elem_id="query-view", height=420)
+                    query_view = gr.HTML(_inline(None), elem_classes="viewer", elem_id="query-view")
                     result_view = gr.Image(label="Selected case", format="png", type="pil", interactive=False,
                                            elem_classes="viewer", elem_id="result-view", height=420)
         gr.Markdown("## Similar cases")
@@ -318,7 +330,7 @@ def build_app() -> gr.Blocks:
         view_inputs = [plane, position, window, level]
 
         def redraw(qv, rv, pl, pos, w, l):
-            return _render(qv, pl, pos, w, l), _render(rv, pl, pos, w, l)
+            return _inline(_render(qv, pl, pos, w, l)), _render(rv, pl, pos, w, l)
 
         for control in view_inputs:
             control.input(redraw, [query_volume, result_volume, *view_inputs], [query_view, result_view],
@@ -359,7 +371,7 @@ def build_app() -> gr.Blocks:
             progress(0.5, desc="Encoding and searching")
             results = _run_image(volume, md, DEFAULT_K)
             head, marks = _details(results, 0)
-            return (volume, _volume_text(volume), _render(volume, pl, pos, w, l), results, _gallery(results),
+            return (volume, _volume_text(volume), _inline(_render(volume, pl, pos, w, l)), results, _gallery(results),
                     _table(results), head, marks, DEFAULT_K, "image", None, None if files else ex)
 
         image_button.click(on_image, [upload, example, mode, query_volume, *view_inputs],

@@ -147,6 +147,8 @@ def test_browser_text_search_and_ct_viewer(served_app, tiny_corpus, tmp_path):
         query_img = page.locator("#query-view img")
         query_img.wait_for(timeout=60_000)
         before = query_img.get_attribute("src")
+        # The uploaded scan's slices are inlined, never written to the server's file cache.
+        assert before.startswith("data:image/png;base64,")
         slider = page.locator("#slice input[type=range]")
         slider.fill("0.2")
         slider.dispatch_event("input")
