@@ -310,8 +310,8 @@ def build_app() -> gr.Blocks:
                     level = gr.Slider(-1200, 1200, value=-600, step=1, label="Window level (HU)")
                 position = gr.Slider(0, 1, value=0.5, step=0.005, label="Slice position (linked)", elem_id="slice")
                 with gr.Row():
-                    query_view = gr.HTML(_inline(None), label="Query CT", show_label=True, elem_classes="viewer",
-                                         elem_id="query-view")
+                    query_view = gr.HTML(_inline(None), label="Query CT", show_label=True, container=True,
+                                         elem_classes="viewer", elem_id="query-view")
                     result_view = gr.Image(label="Selected case", format="png", type="pil", interactive=False,
                                            elem_classes="viewer", elem_id="result-view", height=420)
         gr.Markdown("## Similar cases")
