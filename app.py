@@ -273,7 +273,7 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="MedFinder — similar-case search for CT", delete_cache=(600, 3600),
                    analytics_enabled=False) as demo:
         query_volume = gr.State(None)
-        last_query = gr.State(None)  # "text" or "image": what "More results" pages
+        last_query = gr.State(None)  # ("text", None) or ("image", mode): what "More results" pages
         result_volume = gr.State(None)
         results_state = gr.State([])
 
@@ -354,7 +354,7 @@ def build_app() -> gr.Blocks:
             # The best match opens in the case viewer straight away.
             volume = _case_volume(results[0]) if results else None
             return (results, _gallery(results), _table(results), head, marks, int(k), volume,
-                    _render(volume, pl, pos, w, l), "text")
+                    _render(volume, pl, pos, w, l), ("text", None))
 
         text_outputs = [results_state, gallery, table, details, report, shown, result_volume, result_view, last_query]
         text_inputs = [query, include, exclude, sex, age_min, age_max, result_volume, *view_inputs]
@@ -373,7 +373,7 @@ def build_app() -> gr.Blocks:
             results = _run_image(volume, md, DEFAULT_K)
             head, marks = _details(results, 0)
             return (volume, _volume_text(volume), _inline(_render(volume, pl, pos, w, l)), results, _gallery(results),
-                    _table(results), head, marks, DEFAULT_K, "image", None, None if files else ex)
+                    _table(results), head, marks, DEFAULT_K, ("image", md), None, None if files else ex)
 
         image_button.click(on_image, [upload, example, mode, query_volume, *view_inputs],
                            [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
@@ -388,16 +388,18 @@ def build_app() -> gr.Blocks:
         gallery.select(on_select, [results_state, *view_inputs], [result_volume, details, report, result_view],
                        api_visibility="private")
 
-        def on_more(kind, qv, md, q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k):
+        def on_more(last, qv, q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k):
+            kind, searched_mode = last or ("text", None)
             if kind != "image" or qv is None:
                 return on_text(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k + DEFAULT_K)
-            results = _run_image(qv, md, int(k) + DEFAULT_K)
+            # The mode searched, not the one selected since: the first page must stay what is shown.
+            results = _run_image(qv, searched_mode, int(k) + DEFAULT_K)
             head, marks = _details(results, 0)
-            return (results, _gallery(results), _table(results), head, marks, int(k) + DEFAULT_K, rv,
-                    _render(rv, pl, pos, w, l), "image")
+            volume = _case_volume(results[0]) if results else None  # the details and the viewer agree
+            return (results, _gallery(results), _table(results), head, marks, int(k) + DEFAULT_K, volume,
+                    _render(volume, pl, pos, w, l), last)
 
-        more.click(on_more, [last_query, query_volume, mode, *text_inputs, shown], text_outputs,
-                   api_visibility="private")
+        more.click(on_more, [last_query, query_volume, *text_inputs, shown], text_outputs, api_visibility="private")
 
         # The stable API for gradio_client (documented in the README).
         api_k = gr.Number(value=DEFAULT_K, visible=False)

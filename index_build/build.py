@@ -81,7 +81,12 @@ class _PreparedCases(Dataset):
         if item["error"] and hidden_source and record.image is not None:
             # A DICOM tree's folders are often named after patients: the reason names the case id.
             image = Path(record.image)
-            item["error"] = item["error"].replace(str(image), hidden_source).replace(image.name, hidden_source)
+            error = item["error"].replace(str(image), hidden_source)
+            # Loaders begin with the folder's name ("FAKE-ID-77: the CT series ..."); replacing it
+            # anywhere else would also rewrite a short name like "CT" inside the sentence.
+            if error.startswith(f"{image.name}:"):
+                error = hidden_source + error[len(image.name):]
+            item["error"] = error
         return item
 
 

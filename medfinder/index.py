@@ -68,7 +68,9 @@ _CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # Metadata keys that could identify a patient, a clinician or a study are never stored, even
 # when a manifest CSV carries them as extra columns.
 _IDENTIFYING_KEY = re.compile(
-    r"name|birth|date|address|phone|email|accession|mrn|ssn|uid|physician|operator|patient_?id|^id$",
+    r"name|birth|date|address|phone|email|accession|mrn|ssn|uid|physician|operator|patient|^id$|dob|initials|"
+    r"zip|post_?code|postal|nhs|insurance|subject|hospital_?(?:number|no|num|id)|patid|(?:^|_)path$|note|comment|"
+    r"radiologist|referr|free_?text",
     re.IGNORECASE,
 )
 _SQL_CHUNK = 500  # ids per "IN (...)": far below SQLite's variable limit on every version

@@ -164,6 +164,8 @@ class Lexicon:
                 self._check_name(name, source, f"query pointer '{phrase}'")
             self.query_pointers[str(phrase)] = tuple(names)
         self.negation = self._negation(data.get("negation") or {}, source)
+        self.negating_answers = tuple(_strings((data.get("negation") or {}).get("answers", []), source,
+                                               "negation answers"))
         self.uncertainty = self._triggers(data.get("uncertainty") or {}, source, "uncertainty")
         self.historical = self._triggers(data.get("historical") or {}, source, "historical")
         lat = data.get("laterality") or {}

@@ -247,6 +247,12 @@ class ReportParser:
             + "|".join(re.escape(h).replace(r"\ ", r"\s+") for h in headings)
             + r")[ \t]*(?::|$)"
         ) if headings else None
+        answers = sorted(lex.negating_answers, key=len, reverse=True)
+        # "Pneumothorax: none." right after the finding's own label, on the same line.
+        self._negating_answer_re = re.compile(
+            r"(?i)[ \t]*[:\-\u2013][ \t]*(?:" + "|".join(re.escape(a).replace(r"\ ", r"[ \t]+") for a in answers)
+            + r")[ \t]*(?:[.,;]|$|(?=\n))", re.MULTILINE
+        ) if answers else None
 
     @staticmethod
     @lru_cache(maxsize=4)
@@ -291,6 +297,8 @@ class ReportParser:
             end_char = doc[m.extent_end - 1].idx + len(doc[m.extent_end - 1].text)
             section = sections[bisect.bisect_right(section_starts, start_char) - 1][0] if sections else NO_SECTION
             status = self._status(span, section)
+            if self._negating_answer_re is not None and self._negating_answer_re.match(text, end_char):
+                status = "negated"
             side = None
             if self.lexicon.is_lateralized(m.name):
                 side = self._laterality(m, mentions, sentence_of, lateral)

@@ -298,24 +298,28 @@ def _merge_query_filters(filters: SearchFilters, query: Any) -> SearchFilters:
 
 
 def finding_name(name: str) -> str:
-    """The lexicon's name for a finding a user typed ('pleural effusion', 'fluid on the lung').
+    """The lexicon's name for a finding a user typed ('pleural effusions', 'enlarged heart').
 
-    Filters compare exact names, so an unresolved spelling would silently match nothing;
-    it is an error instead, and so is a word that names several findings.
+    Filters compare exact names, so an unresolved spelling would silently match nothing: it is
+    an error instead. Only a finding's own name or synonym, whole, is accepted: a symptom
+    ('reflux') or a qualified phrase ('right pleural effusion') would filter on something
+    other than what was typed.
     """
-    from .reports import Lexicon, parse_query
+    from .reports import Lexicon, parse_report
 
-    lexicon = Lexicon.default()
-    canonical = lexicon.resolve(name)
+    canonical = Lexicon.default().resolve(name)
     if canonical is not None:
         return canonical
-    query = parse_query(name)
-    found = query.include_findings
-    if len(found) == 1 and not query.exclude_findings:
-        return found[0]
-    if len(found) > 1:
-        raise MedFinderError(f"The finding {name!r} could mean {', '.join(found)}; name one of them.")
-    raise MedFinderError(f"{name!r} is not a finding MedFinder knows; use a name such as 'Pleural effusion'.")
+    typed = name.strip()
+    whole = {f.name for f in parse_report(typed).findings if f.start == 0 and f.end == len(typed)}
+    if len(whole) == 1:
+        return whole.pop()
+    if whole:
+        raise MedFinderError(f"The finding {name!r} could mean {', '.join(sorted(whole))}; name one of them.")
+    raise MedFinderError(
+        f"{name!r} is not a finding name MedFinder knows; give one alone, without side or qualifiers, "
+        "such as 'Pleural effusion'."
+    )
 
 
 def _canonical_filters(filters: SearchFilters) -> SearchFilters:

@@ -101,18 +101,20 @@ def test_an_uploaded_ct_can_be_searched_again_and_paged(served_app, tiny_corpus)
     view = ("axial", 0.5, 1500, -600)
 
     first = on_image([str(upload)], None, "Similar cases", None, *view, progress=lambda *a, **k: None)
-    volume, results, k, kind, upload_box = first[0], first[3], first[8], first[9], first[10]
+    volume, results, k, last, upload_box = first[0], first[3], first[8], first[9], first[10]
     assert not upload.exists() and upload_box is None  # read, deleted, and the file box cleared
-    assert len(results) == k == 10 and kind == "image"
+    assert len(results) == k == 10 and last == ("image", "Similar cases")
 
     # The file is gone; the loaded CT is not: asking for matching reports reuses it.
     second = on_image(None, None, "Matching reports", volume, *view, progress=lambda *a, **k: None)
     assert second[0] is volume and second[3] and second[3] != results
 
-    # "More results" after a CT search pages the CT search, even with the text box empty.
-    more = on_more("image", volume, "Similar cases", "", [], [], "any", 0, 100, None, *view, k)
+    # "More results" after a CT search pages that search (its mode, not one selected since),
+    # even with the text box empty.
+    more = on_more(last, volume, "", [], [], "any", 0, 100, None, *view, k)
     assert [r.case_id for r in more[0][:10]] == [r.case_id for r in results]
-    assert len(more[0]) == 12 and more[5] == 20 and more[8] == "image"  # all 12 cases of the tiny index
+    assert len(more[0]) == 12 and more[5] == 20 and more[8] == last  # all 12 cases of the tiny index
+    assert more[6] is not None  # the best match opens in the viewer, as the details say
 
 
 def test_empty_text_query_is_refused(client):

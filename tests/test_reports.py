@@ -61,10 +61,20 @@ def test_negated_mentions(text):
     assert statuses(text)["Pleural effusion"] == {"negated"}
 
 
-def test_a_structured_answer_negates_only_its_own_line():
-    s = statuses("FINDINGS:\nPneumothorax: none\nEmphysema: no change since the prior study\nPleural effusion: small, right")
-    assert s["Pneumothorax"] == {"negated"}
-    assert s["Emphysema"] == {"affirmed"} and s["Pleural effusion"] == {"affirmed"}
+@pytest.mark.parametrize("text,negated,affirmed", [
+    ("FINDINGS:\nPneumothorax: none\nEmphysema: no change since the prior study\nPleural effusion: small, right",
+     "Pneumothorax", ("Emphysema", "Pleural effusion")),
+    ("Pleural effusion: small, pneumothorax: none.", "Pneumothorax", ("Pleural effusion",)),
+    ("Emphysema - moderate, pneumothorax - none.", "Pneumothorax", ("Emphysema",)),
+    ("Cardiomegaly, pericardial effusion: none.", "Pericardial effusion", ("Cardiomegaly",)),
+    ("Bilateral pleural effusion - negative for pneumothorax.", "Pneumothorax", ("Pleural effusion",)),
+])
+def test_a_structured_answer_negates_only_the_finding_it_follows(text, negated, affirmed):
+    s = statuses(text)
+    assert s[negated] == {"negated"}
+    for name in affirmed:
+        assert s[name] == {"affirmed"}, name
+    assert statuses("Lung nodule: 4 mm - negative for malignancy features.")["Lung nodule"] == {"affirmed"}
 
 
 def test_negation_does_not_reach_a_new_clause():
@@ -88,6 +98,9 @@ def test_negation_scope_is_bounded_in_long_sentences():
     ("Pleural effusion is not excluded.", "Pleural effusion"),
     ("Pneumothorax not excluded.", "Pneumothorax"),
     ("Pneumothorax is not ruled out.", "Pneumothorax"),
+    ("Pulmonary embolism was not excluded.", "Pulmonary embolism"),
+    ("Pleural effusions were not excluded.", "Pleural effusion"),
+    ("Pneumothorax was not ruled out.", "Pneumothorax"),
 ])
 def test_uncertain_mentions_are_neither_affirmed_nor_negated(text, name):
     assert statuses(text)[name] == {"uncertain"}
