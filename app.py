@@ -346,15 +346,18 @@ def build_app() -> gr.Blocks:
         preset.change(set_preset, [preset, query_volume, result_volume, plane, position],
                       [window, level, query_view, result_view], api_visibility="private")
 
+        def show(results, k, last, pl, pos, w, l):
+            head, marks = _details(results, 0)
+            # The best match opens in the case viewer straight away, so the details and the viewer agree.
+            volume = _case_volume(results[0]) if results else None
+            return (results, _gallery(results), _table(results), head, marks, int(k), volume,
+                    _render(volume, pl, pos, w, l), last)
+
         def on_text(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k=DEFAULT_K):
             results = _run_text(q, inc, exc, sx, amin, amax, int(k))
             if not results:
                 gr.Warning("No case matches this query and these filters.")
-            head, marks = _details(results, 0)
-            # The best match opens in the case viewer straight away.
-            volume = _case_volume(results[0]) if results else None
-            return (results, _gallery(results), _table(results), head, marks, int(k), volume,
-                    _render(volume, pl, pos, w, l), ("text", None))
+            return show(results, k, ("text", None), pl, pos, w, l)
 
         text_outputs = [results_state, gallery, table, details, report, shown, result_volume, result_view, last_query]
         text_inputs = [query, include, exclude, sex, age_min, age_max, result_volume, *view_inputs]
@@ -393,11 +396,8 @@ def build_app() -> gr.Blocks:
             if kind != "image" or qv is None:
                 return on_text(q, inc, exc, sx, amin, amax, rv, pl, pos, w, l, k + DEFAULT_K)
             # The mode searched, not the one selected since: the first page must stay what is shown.
-            results = _run_image(qv, searched_mode, int(k) + DEFAULT_K)
-            head, marks = _details(results, 0)
-            volume = _case_volume(results[0]) if results else None  # the details and the viewer agree
-            return (results, _gallery(results), _table(results), head, marks, int(k) + DEFAULT_K, volume,
-                    _render(volume, pl, pos, w, l), last)
+            k = int(k) + DEFAULT_K
+            return show(_run_image(qv, searched_mode, k), k, last, pl, pos, w, l)
 
         more.click(on_more, [last_query, query_volume, *text_inputs, shown], text_outputs, api_visibility="private")
 

@@ -44,18 +44,24 @@ def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, see
     return index_dir
 
 
-def demo_index_is_current(index_dir: Path = DEMO_INDEX_DIR, model_dir: Path = DEMO_MODEL_DIR) -> bool:
-    """True when a committed demo index is there and was built by the current demo weights."""
+def _built_with(index_dir: Path) -> str | None:
+    """The fingerprint of the model that built a committed index; None if there is none or it is unreadable."""
     from medfinder.errors import MedFinderError
     from medfinder.index import CaseIndex
-    from medfinder.model import read_fingerprint
 
     if not (Path(index_dir) / "index.json").exists():
-        return False
+        return None
     try:
-        built_with = CaseIndex.read_info(Path(index_dir))["model"].get("fingerprint")
+        return CaseIndex.read_info(Path(index_dir))["model"].get("fingerprint")
     except (MedFinderError, OSError, ValueError, KeyError):
-        return False
+        return None
+
+
+def demo_index_is_current(index_dir: Path = DEMO_INDEX_DIR, model_dir: Path = DEMO_MODEL_DIR) -> bool:
+    """True when a committed demo index is there and was built by the current demo weights."""
+    from medfinder.model import read_fingerprint
+
+    built_with = _built_with(index_dir)
     return built_with is not None and built_with == read_fingerprint(model_dir)
 
 
@@ -65,16 +71,9 @@ def _drop_if_built_by_another_model(index_dir: Path, model_dir: Path) -> None:
     import logging
     import shutil
 
-    from medfinder.errors import MedFinderError
-    from medfinder.index import CaseIndex
     from medfinder.model import read_fingerprint
 
-    if not (index_dir / "index.json").exists():
-        return
-    try:
-        built_with = CaseIndex.read_info(index_dir)["model"].get("fingerprint")
-    except (MedFinderError, OSError, ValueError, KeyError):
-        return  # let the build report what is wrong
+    built_with = _built_with(index_dir)  # None: nothing there, or let the build report what is wrong
     current = read_fingerprint(model_dir)
     if built_with and current and built_with != current:
         logging.getLogger("medfinder.demo").warning(
