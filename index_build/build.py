@@ -63,13 +63,15 @@ class _PreparedCases(Dataset):
         from medfinder.volume import load_volume
 
         record = self.records[i]
+        # A DICOM tree's folders are often named after patients: such a case is named by its id.
+        hidden_source = record.metadata.get("source_name")
         item: dict[str, Any] = {"record": record, "image": None, "error": None, "parsed": None,
                                 "thumbnail": None, "shape": None, "spacing": None}
         try:
             if record.report:
                 item["parsed"] = parse_report(record.report)
             if record.image is not None:
-                volume = load_volume(record.image)
+                volume = load_volume(record.image, label=hidden_source)
                 item["image"] = self.preprocessor(volume)
                 item["thumbnail"] = thumbnail_png(volume)
                 item["shape"], item["spacing"] = volume.shape, volume.spacing
@@ -77,16 +79,9 @@ class _PreparedCases(Dataset):
             item["error"] = str(exc)
         except Exception as exc:  # a broken case must never stop the build
             item["error"] = f"{type(exc).__name__}: {exc}"
-        hidden_source = record.metadata.get("source_name")
         if item["error"] and hidden_source and record.image is not None:
-            # A DICOM tree's folders are often named after patients: the reason names the case id.
-            image = Path(record.image)
-            error = item["error"].replace(str(image), hidden_source)
-            # Loaders begin with the folder's name ("FAKE-ID-77: the CT series ..."); replacing it
-            # anywhere else would also rewrite a short name like "CT" inside the sentence.
-            if error.startswith(f"{image.name}:"):
-                error = hidden_source + error[len(image.name):]
-            item["error"] = error
+            # Library exceptions (nibabel, pydicom) can quote the file's path.
+            item["error"] = item["error"].replace(str(record.image), hidden_source)
         return item
 
 

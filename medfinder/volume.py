@@ -94,31 +94,34 @@ def load_volume(
     spacing: tuple[float, float, float] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    label: str | None = None,
 ) -> Volume:
     """Load a CT from any supported source and validate it.
 
     ``spacing`` is only used for .npy/.npz arrays (default 1 mm isotropic, recorded in the
     metadata as assumed). ``path`` may also be a list of DICOM files (several uploads).
+    ``label`` names the CT in error messages and in ``Volume.source`` instead of the file or
+    folder name, which for a DICOM tree is often the patient's name.
     """
     if isinstance(path, (list, tuple)):
-        return _load_dicom_files([Path(p) for p in path], max_voxels, label=f"the {len(path)} uploaded files")
+        return _load_dicom_files([Path(p) for p in path], max_voxels, label=label or f"the {len(path)} uploaded files")
     p = Path(path)
-    name = p.name
+    name = label or p.name
     if not p.exists():
         raise UnreadableVolumeError(f"{name}: the file or folder does not exist.")
     if p.is_dir():
-        return _load_dicom_folder(p, max_voxels)
+        return _load_dicom_folder(p, max_voxels, name)
     if p.stat().st_size == 0:
         raise UnreadableVolumeError(f"{name}: the file is empty.")
-    lower = name.lower()
+    lower = p.name.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        return _load_nifti(p, max_voxels)
+        return _load_nifti(p, max_voxels, name)
     if lower.endswith(".zip"):
-        return _load_dicom_zip(p, max_voxels, max_archive_bytes)
+        return _load_dicom_zip(p, max_voxels, max_archive_bytes, name)
     if lower.endswith((".nrrd", ".nhdr")):
-        return _load_nrrd(p, max_voxels)
+        return _load_nrrd(p, max_voxels, name)
     if lower.endswith((".npy", ".npz")):
-        return _load_numpy(p, spacing or DEFAULT_NUMPY_SPACING, assumed=spacing is None, max_voxels=max_voxels)
+        return _load_numpy(p, spacing or DEFAULT_NUMPY_SPACING, assumed=spacing is None, max_voxels=max_voxels, name=name)
     if lower.endswith(".dcm") or is_dicom_file(p):
         return _load_dicom_files([p], max_voxels, label=name)
     raise UnreadableVolumeError(
@@ -240,22 +243,20 @@ def _reorient_to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, n
 
 
 # ----------------------------------------------------------------------------- NIfTI
-def _load_nifti(path: Path, max_voxels: int) -> Volume:
-    name = path.name
+def _load_nifti(path: Path, max_voxels: int, name: str) -> Volume:
     if path.name.lower().endswith(".gz"):
-        _check_gzip_member(path)
+        _check_gzip_member(path, name)
     # nibabel logs header repairs (e.g. zero pixdim) to stderr; we report such problems ourselves.
     logger = nib.imageglobals.logger
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return _load_nifti_quietly(path, max_voxels)
+        return _load_nifti_quietly(path, max_voxels, name)
     finally:
         logger.setLevel(level)
 
 
-def _load_nifti_quietly(path: Path, max_voxels: int) -> Volume:
-    name = path.name
+def _load_nifti_quietly(path: Path, max_voxels: int, name: str) -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for junk files
@@ -316,17 +317,16 @@ def _raw_nifti_zooms(path: Path, header: Any) -> tuple[float, ...]:
     return tuple(float(z) for z in raw["pixdim"][1:4])
 
 
-def _check_gzip_member(path: Path) -> None:
+def _check_gzip_member(path: Path, name: str) -> None:
     with path.open("rb") as fh:
         if fh.read(2) != b"\x1f\x8b":
-            raise UnreadableVolumeError(f"{path.name}: the file is named .gz but is not gzip-compressed.")
+            raise UnreadableVolumeError(f"{name}: the file is named .gz but is not gzip-compressed.")
 
 
 # ----------------------------------------------------------------------------- NRRD
-def _load_nrrd(path: Path, max_voxels: int) -> Volume:
+def _load_nrrd(path: Path, max_voxels: int, name: str) -> Volume:
     import nrrd  # pynrrd
 
-    name = path.name
     try:
         header = nrrd.read_header(str(path))
     except Exception as exc:
@@ -357,8 +357,7 @@ def _load_nrrd(path: Path, max_voxels: int) -> Volume:
 
 
 # ----------------------------------------------------------------------------- NumPy
-def _load_numpy(path: Path, spacing: tuple[float, float, float], assumed: bool, max_voxels: int) -> Volume:
-    name = path.name
+def _load_numpy(path: Path, spacing: tuple[float, float, float], assumed: bool, max_voxels: int, name: str) -> Volume:
     try:
         loaded = np.load(str(path), allow_pickle=False, mmap_mode="r" if name.lower().endswith(".npy") else None)
     except Exception as exc:
@@ -416,11 +415,11 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _load_dicom_folder(folder: Path, max_voxels: int) -> Volume:
+def _load_dicom_folder(folder: Path, max_voxels: int, name: str) -> Volume:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     if not files:
-        raise UnreadableVolumeError(f"{folder.name}: the folder is empty; expected a DICOM series.")
-    return _load_dicom_files(files, max_voxels, label=folder.name)
+        raise UnreadableVolumeError(f"{name}: the folder is empty; expected a DICOM series.")
+    return _load_dicom_files(files, max_voxels, label=name)
 
 
 def _load_dicom_files(files: list[Path], max_voxels: int, label: str) -> Volume:
@@ -430,8 +429,7 @@ def _load_dicom_files(files: list[Path], max_voxels: int, label: str) -> Volume:
     return _assemble_series(((p, opener) for p in files), max_voxels, label)
 
 
-def _load_dicom_zip(path: Path, max_voxels: int, max_bytes: int) -> Volume:
-    name = path.name
+def _load_dicom_zip(path: Path, max_voxels: int, max_bytes: int, name: str) -> Volume:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:

@@ -195,6 +195,32 @@ def test_real_dicom_relabelled_mr_refused(ct_dicom_dir, tmp_path):
     _refused(tmp_path / "mr", errors.NotCTError, "MR")
 
 
+def test_label_replaces_the_file_or_folder_name_everywhere(ct_dicom_dir, tmp_path):
+    # A DICOM tree's folders are often named after the patient; the index builder passes the case id.
+    named = tmp_path / "Doe^Jane^Fakeperson"
+    shutil.copytree(ct_dicom_dir, named)
+    vol = load_volume(named, label="dicom-0a1b")
+    assert vol.source == "dicom-0a1b" and "Fakeperson" not in repr(vol)
+    (tmp_path / "Roe^Richard").mkdir()
+    broken = {
+        tmp_path / "Roe^Richard": "empty",
+        tmp_path / "Roe^Richard.nii.gz": "gzip",
+        tmp_path / "Roe^Richard.nrrd": "NRRD",
+        tmp_path / "Roe^Richard.npy": "NumPy",
+        tmp_path / "Roe^Richard.zip": "zip",
+        tmp_path / "Roe^Richard.dcm": "DICOM",
+    }
+    for path in broken:
+        if not path.is_dir():
+            path.write_bytes(b"not an image at all" * 20)
+    for path, problem in broken.items():
+        with pytest.raises(errors.MedFinderError) as info:
+            load_volume(path, label="dicom-0a1b")
+        message = str(info.value)
+        assert message.startswith("dicom-0a1b: ") and "Roe" not in message, message
+        assert problem.lower() in message.lower(), message
+
+
 def test_truncated_nifti_refused(ct_nifti, tmp_path):
     data = ct_nifti.read_bytes()
     bad = tmp_path / "cut.nii.gz"
