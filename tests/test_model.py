@@ -231,7 +231,7 @@ def test_the_shipped_demo_model_still_has_the_fingerprint_it_was_saved_with() ->
 
 
 def test_the_demo_weights_load_into_the_calcium_peak_config() -> None:
-    # The README's `--init assets/model --config medfinder-demo-peak` relies on this.
+    # `--init assets/model --config medfinder-demo-peak` (README, docs/experiments.md) relies on this.
     from medfinder.demo import DEMO_MODEL_DIR
 
     model, preprocessor = create_model_and_transforms("medfinder-demo-peak", pretrained=DEMO_MODEL_DIR)
