@@ -360,6 +360,12 @@ class CaseDataset(Dataset):
     def _image(self, index: int) -> torch.Tensor | None:
         if index in self._cached:
             return self._cached[index].float()
+        image = self._preprocessed(index)
+        if image is not None and self.cache:
+            self._cached[index] = image.half()
+        return image
+
+    def _preprocessed(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
         if record.case_id in self.failures:
             return None
@@ -370,8 +376,6 @@ class CaseDataset(Dataset):
             self.failures[record.case_id] = reason
             log.warning("Skipping case %s: image %s could not be used (%s).", record.case_id, record.image, reason)
             return None
-        if self.cache:
-            self._cached[index] = image.half()
         return image
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
@@ -404,7 +408,9 @@ class CaseDataset(Dataset):
             if image is None:
                 self.failures[self.records[index].case_id] = failure
             else:
-                self._cached[index] = image.half()
+                # A worker's tensor lives in shared memory (/dev/shm: 64 MB in a default Docker
+                # container), which is no place to keep thousands of volumes.
+                self._cached[index] = image.clone() if image.is_shared() else image
         if self.failures:
             log.warning("%d case(s) skipped because their image could not be used.", len(self.failures))
 
@@ -423,8 +429,11 @@ class _Uncached(Dataset):
         return len(self.parent)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        image = self.parent._image(index)
-        return index, image, self.parent.failures.get(self.parent.records[index].case_id, "")
+        # Not parent._image: in a worker process that would fill the worker's own copy of the
+        # cache, so preloading held every volume twice (and ran out of memory at 4,000 cases).
+        image = self.parent._preprocessed(index)
+        half = image.half() if image is not None else None  # half the bytes through shared memory
+        return index, half, self.parent.failures.get(self.parent.records[index].case_id, "")
 
 
 def _identity(item: Any) -> Any:

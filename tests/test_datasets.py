@@ -249,3 +249,17 @@ def test_preload_fills_the_cache_and_records_failures(tmp_path: Path, finding_na
     assert set(dataset._cached) == {0, 1} and set(dataset.failures) == {"gone"}
     direct = Preprocessor(TINY_PREPROCESS)(_nifti_loader(dataset.records[0].image))
     assert torch.allclose(dataset[0]["image"], direct, atol=1e-3)  # float16 cache
+
+
+def test_preload_in_worker_processes_keeps_one_private_copy(tmp_path: Path) -> None:
+    from medfinder.datasets import _Uncached
+
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=2, extra_rows=[["gone", "images/gone.nii.gz", "x", 0, 0, "F", 1]])
+    dataset = CaseDataset(read_manifest(manifest), Preprocessor(TINY_PREPROCESS), loader=_nifti_loader, cache=True)
+    # What a worker runs must not cache: in a worker process that cache is a second copy of every
+    # volume it preprocesses, which ran a 5,500-case preload out of memory.
+    _Uncached(dataset)[0]
+    assert dataset._cached == {}
+    dataset.preload(workers=2)
+    assert set(dataset._cached) == {0, 1} and set(dataset.failures) == {"gone"}
+    assert all(t.dtype == torch.float16 and not t.is_shared() for t in dataset._cached.values())
