@@ -266,7 +266,7 @@ def _load_nifti_quietly(path: Path, max_voxels: int, name: str) -> Volume:
     _check_budget(shape, max_voxels, name)
     _check_spacing(_raw_nifti_zooms(path, header), name)
     try:
-        if name.lower().endswith(".gz"):
+        if path.name.lower().endswith(".gz"):
             raw = _read_gzipped_voxels(path, img.dataobj, shape)
         else:
             raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape)
@@ -359,7 +359,7 @@ def _load_nrrd(path: Path, max_voxels: int, name: str) -> Volume:
 # ----------------------------------------------------------------------------- NumPy
 def _load_numpy(path: Path, spacing: tuple[float, float, float], assumed: bool, max_voxels: int, name: str) -> Volume:
     try:
-        loaded = np.load(str(path), allow_pickle=False, mmap_mode="r" if name.lower().endswith(".npy") else None)
+        loaded = np.load(str(path), allow_pickle=False, mmap_mode="r" if path.name.lower().endswith(".npy") else None)
     except Exception as exc:
         raise UnreadableVolumeError(f"{name}: not a readable NumPy file ({_short(exc)}).") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -221,6 +221,20 @@ def test_label_replaces_the_file_or_folder_name_everywhere(ct_dicom_dir, tmp_pat
         assert problem.lower() in message.lower(), message
 
 
+def test_a_label_does_not_change_how_a_file_is_read(ct_nifti, tmp_path):
+    # The file's own name still decides the format: gzip's checksum, memory-mapping a .npy.
+    labelled = load_volume(ct_nifti, label="case-1")
+    assert np.array_equal(labelled.hu, load_volume(ct_nifti).hu) and labelled.source == "case-1"
+    data = bytearray(gzip.compress(gzip.decompress(ct_nifti.read_bytes())))
+    data[-8] ^= 0xFF  # the gzip trailer's CRC: the voxels still inflate, the checksum fails
+    bad = tmp_path / "crc.nii.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(errors.UnreadableVolumeError, match="case-1: .*corrupt"):
+        load_volume(bad, label="case-1")
+    np.save(tmp_path / "arr.npy", _body_like())
+    assert np.array_equal(load_volume(tmp_path / "arr.npy", label="case-2").hu, load_volume(tmp_path / "arr.npy").hu)
+
+
 def test_truncated_nifti_refused(ct_nifti, tmp_path):
     data = ct_nifti.read_bytes()
     bad = tmp_path / "cut.nii.gz"
