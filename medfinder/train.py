@@ -39,7 +39,7 @@ from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, sel
 from .errors import MedFinderError, ModelError
 from .evaluate import finding_names_of, keyword_precision, label_matrix, retrieval_metrics
 from .losses import FindingLoss, contrastive_loss, view_consistency_loss
-from .model import MedFinder, create_model_and_transforms, split_sentences
+from .model import MedFinder, create_model_and_transforms, read_fingerprint, split_sentences
 from .volume import Volume
 
 log = logging.getLogger("medfinder.train")
@@ -542,7 +542,7 @@ def train(
         )
     result = {
         "out": str(out),
-        "fingerprint": json.loads((out / "config.json").read_text(encoding="utf-8")).get("fingerprint"),
+        "fingerprint": read_fingerprint(out),
         "epochs": state.epoch,
         "steps": state.step,
         "best_val": state.best,
