@@ -332,7 +332,8 @@ class CaseDataset(Dataset):
 
     Records without an image are left out up front; a volume that fails to load or preprocess
     yields ``None`` (collated away by ``collate_cases``) and is logged once with its reason in
-    ``failures``. With ``cache=True`` each preprocessed volume is kept in memory as float16.
+    ``failures``. With ``cache=True`` each preprocessed volume is kept in memory, one byte per
+    voxel (see ``pack_for_cache``).
     """
 
     def __init__(
@@ -359,10 +360,10 @@ class CaseDataset(Dataset):
 
     def _image(self, index: int) -> torch.Tensor | None:
         if index in self._cached:
-            return self._cached[index].float()
+            return unpack_from_cache(self._cached[index])
         image = self._preprocessed(index)
         if image is not None and self.cache:
-            self._cached[index] = image.half()
+            self._cached[index] = pack_for_cache(image)
         return image
 
     def _preprocessed(self, index: int) -> torch.Tensor | None:
@@ -432,8 +433,30 @@ class _Uncached(Dataset):
         # Not parent._image: in a worker process that would fill the worker's own copy of the
         # cache, so preloading held every volume twice (and ran out of memory at 4,000 cases).
         image = self.parent._preprocessed(index)
-        half = image.half() if image is not None else None  # half the bytes through shared memory
-        return index, half, self.parent.failures.get(self.parent.records[index].case_id, "")
+        packed = pack_for_cache(image) if image is not None else None  # fewer bytes through shared memory
+        return index, packed, self.parent.failures.get(self.parent.records[index].case_id, "")
+
+
+def pack_for_cache(image: torch.Tensor) -> torch.Tensor:
+    """A preprocessed volume as kept in memory: uint8 when it lies in [0, 1], else float16.
+
+    The preprocessor clips every HU window to [0, 1], so 255 levels per window are steps of
+    4.7 HU in the demo's lung window, 1.6 HU in the mediastinal one and 9.2 HU in the
+    high-density one: rounding errors of 1.4, 0.5 and 2.7 HU (standard deviation), under the
+    8-20 HU noise the phantoms carry and a real CT's. A byte per voxel instead of float16's two
+    is what lets a 10,000-case corpus train in 24 GB. Anything outside [0, 1] (another
+    preprocessor) stays float16 rather than being clipped.
+    """
+    if image.numel() and image.min() >= 0 and image.max() <= 1:
+        return image.mul(255).round_().to(torch.uint8)
+    return image.half()
+
+
+def unpack_from_cache(stored: torch.Tensor) -> torch.Tensor:
+    """The float32 volume back from ``pack_for_cache``."""
+    if stored.dtype == torch.uint8:
+        return stored.float().div_(255)
+    return stored.float()
 
 
 def _identity(item: Any) -> Any:

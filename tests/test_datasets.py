@@ -248,7 +248,21 @@ def test_preload_fills_the_cache_and_records_failures(tmp_path: Path, finding_na
     dataset.preload(workers=0)
     assert set(dataset._cached) == {0, 1} and set(dataset.failures) == {"gone"}
     direct = Preprocessor(TINY_PREPROCESS)(_nifti_loader(dataset.records[0].image))
-    assert torch.allclose(dataset[0]["image"], direct, atol=1e-3)  # float16 cache
+    # One byte per voxel, within half a level of the preprocessed volume.
+    assert dataset._cached[0].dtype == torch.uint8
+    assert torch.allclose(dataset[0]["image"], direct, atol=0.5 / 255 + 1e-6)
+
+
+def test_the_cache_keeps_values_outside_the_unit_range() -> None:
+    from medfinder.datasets import pack_for_cache, unpack_from_cache
+
+    windowed = torch.rand(2, 8, 8, 8)
+    assert pack_for_cache(windowed).dtype == torch.uint8
+    assert (unpack_from_cache(pack_for_cache(windowed)) - windowed).abs().max() <= 0.5 / 255 + 1e-6
+    # A preprocessor without clipped windows (HU / 1000, say) must not be squeezed into [0, 1].
+    unwindowed = torch.tensor([-1.0, 0.25, 3.0])
+    assert pack_for_cache(unwindowed).dtype == torch.float16
+    assert torch.equal(unpack_from_cache(pack_for_cache(unwindowed)), unwindowed)
 
 
 def test_preload_in_worker_processes_keeps_one_private_copy(tmp_path: Path) -> None:
@@ -262,4 +276,4 @@ def test_preload_in_worker_processes_keeps_one_private_copy(tmp_path: Path) -> N
     assert dataset._cached == {}
     dataset.preload(workers=2)
     assert set(dataset._cached) == {0, 1} and set(dataset.failures) == {"gone"}
-    assert all(t.dtype == torch.float16 and not t.is_shared() for t in dataset._cached.values())
+    assert all(t.dtype == torch.uint8 and not t.is_shared() for t in dataset._cached.values())
