@@ -221,7 +221,7 @@ def test_label_replaces_the_file_or_folder_name_everywhere(ct_dicom_dir, tmp_pat
         assert problem.lower() in message.lower(), message
 
 
-def test_a_label_does_not_change_how_a_file_is_read(ct_nifti, tmp_path):
+def test_a_label_does_not_change_how_a_file_is_read(ct_nifti, tmp_path, monkeypatch):
     # The file's own name still decides the format: gzip's checksum, memory-mapping a .npy.
     labelled = load_volume(ct_nifti, label="case-1")
     assert np.array_equal(labelled.hu, load_volume(ct_nifti).hu) and labelled.source == "case-1"
@@ -232,7 +232,15 @@ def test_a_label_does_not_change_how_a_file_is_read(ct_nifti, tmp_path):
     with pytest.raises(errors.UnreadableVolumeError, match="case-1: .*corrupt"):
         load_volume(bad, label="case-1")
     np.save(tmp_path / "arr.npy", _body_like())
+    modes, real_load = [], np.load
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mmap_mode"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", spy)
     assert np.array_equal(load_volume(tmp_path / "arr.npy", label="case-2").hu, load_volume(tmp_path / "arr.npy").hu)
+    assert modes == ["r", "r"]  # mapped whether or not a label names it, not read whole into memory
 
 
 def test_truncated_nifti_refused(ct_nifti, tmp_path):
