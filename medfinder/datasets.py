@@ -363,7 +363,9 @@ class CaseDataset(Dataset):
             return unpack_from_cache(self._cached[index])
         image = self._preprocessed(index)
         if image is not None and self.cache:
+            # Return what later reads will return, so a case looks the same in every epoch.
             self._cached[index] = pack_for_cache(image)
+            return unpack_from_cache(self._cached[index])
         return image
 
     def _preprocessed(self, index: int) -> torch.Tensor | None:

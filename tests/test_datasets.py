@@ -253,6 +253,13 @@ def test_preload_fills_the_cache_and_records_failures(tmp_path: Path, finding_na
     assert torch.allclose(dataset[0]["image"], direct, atol=0.5 / 255 + 1e-6)
 
 
+def test_a_cached_case_reads_the_same_the_first_time_and_after(tmp_path: Path) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=1)
+    dataset = CaseDataset(read_manifest(manifest), Preprocessor(TINY_PREPROCESS), loader=_nifti_loader, cache=True)
+    first, again = dataset[0]["image"], dataset[0]["image"]
+    assert torch.equal(first, again)
+
+
 def test_the_cache_keeps_values_outside_the_unit_range() -> None:
     from medfinder.datasets import pack_for_cache, unpack_from_cache
 
