@@ -359,14 +359,14 @@ class CaseDataset(Dataset):
         return len(self.records)
 
     def _image(self, index: int) -> torch.Tensor | None:
-        if index in self._cached:
-            return unpack_from_cache(self._cached[index])
-        image = self._preprocessed(index)
-        if image is not None and self.cache:
-            # Return what later reads will return, so a case looks the same in every epoch.
+        if index not in self._cached:
+            image = self._preprocessed(index)
+            if image is None or not self.cache:
+                return image
             self._cached[index] = pack_for_cache(image)
-            return unpack_from_cache(self._cached[index])
-        return image
+        # Every cached read, the first included, comes from the packed copy, so a case looks the
+        # same in every epoch.
+        return unpack_from_cache(self._cached[index])
 
     def _preprocessed(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
