@@ -27,13 +27,18 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 from medfinder.model import MedFinder, create_model_and_transforms
-from medfinder.phantoms import PHANTOM_FINDINGS, generate_case
+from medfinder.phantoms import PHANTOM_FINDINGS, PhantomCase, generate_case
+from medfinder.preprocess import Preprocessor
 
 SMALL_FINDINGS = ("Coronary artery wall calcification", "Arterial wall calcification", "Lung nodule", "Lymphadenopathy")
 
 
-def finding_signal(preprocessor, case, name: str, min_hu: float) -> list[dict[str, float]]:
-    """Per window: peak HU-equivalent difference and input voxels changed by more than min_hu."""
+def finding_signal(preprocessor: Preprocessor, case: PhantomCase, with_finding: np.ndarray, name: str,
+                   min_hu: float) -> list[dict[str, float]]:
+    """Per window: peak HU-equivalent difference and input voxels changed by more than min_hu.
+
+    ``with_finding`` is ``preprocessor(case.volume)``, shared by every finding of the case.
+    """
     mask = np.zeros(case.volume.hu.shape, bool)
     for finding in case.findings:
         if finding.name == name:
@@ -41,7 +46,6 @@ def finding_signal(preprocessor, case, name: str, min_hu: float) -> list[dict[st
     shell = ndimage.binary_dilation(mask, iterations=2) & ~mask
     hu = case.volume.hu.copy()
     hu[mask] = int(np.median(case.volume.hu[shell]))
-    with_finding = preprocessor(case.volume).numpy()
     without = preprocessor(replace(case.volume, hu=hu)).numpy()
     rows = []
     for channel, (low, high) in enumerate(preprocessor.config.windows):
@@ -65,14 +69,15 @@ def main() -> None:
                     else create_model_and_transforms(args.config)[1])
     signals: dict[str, list[list[dict[str, float]]]] = {name: [] for name in args.findings}
     for index in range(args.max_index):
-        if all(len(rows) >= args.cases for rows in signals.values()):
+        wanted = [name for name, rows in signals.items() if len(rows) < args.cases]
+        if not wanted:
             break
-        case = None
-        for name, rows in signals.items():
-            if len(rows) < args.cases and case is None:
-                case = generate_case(args.seed, index)
-            if len(rows) < args.cases and any(f.name == name for f in case.findings):
-                rows.append(finding_signal(preprocessor, case, name, args.min_hu))
+        case = generate_case(args.seed, index)
+        shown = [name for name in wanted if any(f.name == name for f in case.findings)]
+        if shown:
+            with_finding = preprocessor(case.volume).numpy()
+            for name in shown:
+                signals[name].append(finding_signal(preprocessor, case, with_finding, name, args.min_hu))
     config = preprocessor.config
     result = {"benchmark": "finding_visibility", "model": args.model or args.config, "seed": args.seed,
               "spacing_mm": list(config.spacing), "min_hu": args.min_hu, "findings": {}}
