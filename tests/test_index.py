@@ -508,3 +508,40 @@ def test_demo_index_built_by_other_weights_is_rebuilt_not_refused(tmp_path, tiny
     assert not demo_index_is_current(index_dir, other_dir)
     _drop_if_built_by_another_model(index_dir, other_dir)
     assert not index_dir.exists()
+
+
+def test_demo_corpus_and_example_scans_come_from_seeds_training_never_used() -> None:
+    # An example query that is a training case would make image search look better than it is.
+    import re
+
+    from medfinder.demo import DEMO_MODEL_DIR, DEMO_SEED, EXAMPLE_SEED
+
+    record = (DEMO_MODEL_DIR / "training_stage1.json").read_text()
+    training_seeds = {int(s) for s in re.findall(r"--seed (\d+)", record)}
+    assert len(training_seeds) >= 10  # the record still names its corpora
+    assert DEMO_SEED not in training_seeds
+    assert EXAMPLE_SEED not in training_seeds
+    assert EXAMPLE_SEED != DEMO_SEED
+
+
+def test_demo_examples_from_an_earlier_seed_are_regenerated(tmp_path, monkeypatch) -> None:
+    import nibabel as nib
+
+    from medfinder import demo
+    from medfinder.phantoms import generate_case
+
+    monkeypatch.setattr(demo, "EXAMPLE_CASES", 1)
+    folder = demo.examples_dir(tmp_path / "demo_index")
+    folder.mkdir(parents=True)
+    old = generate_case(9, 0)  # what releases before seed 2718 wrote, with no seed file
+    nib.save(nib.Nifti1Image(old.volume.hu, old.volume.affine), str(folder / "phantom_example_1.nii.gz"))
+    (folder / "phantom_example_1.nii.gz.txt").write_text("old")
+
+    examples = demo.ensure_demo_examples(tmp_path / "demo_index")
+    phantoms = [p for label, p in examples.items() if "synthetic" in label]
+    assert len(phantoms) == 1
+    expected = generate_case(demo.EXAMPLE_SEED, 0).volume.hu
+    np.testing.assert_allclose(np.asanyarray(nib.load(str(phantoms[0])).dataobj), expected, atol=1e-3)
+    stamp = phantoms[0].stat().st_mtime_ns
+    demo.ensure_demo_examples(tmp_path / "demo_index")  # same seed: kept, not rewritten
+    assert phantoms[0].stat().st_mtime_ns == stamp
