@@ -24,6 +24,15 @@ class CliParser(argparse.ArgumentParser):
         fail(f"{message[0].upper()}{message[1:]}; see {self.prog} --help.")
 
 
+def os_error_sentence(exc: OSError) -> str:
+    """One sentence for a file-system error, naming the path (a folder that is a file, a full disk, ...)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file or folder."
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied."
+    return f"{getattr(exc, 'filename', '') or 'output'}: {exc.strerror or exc}."
+
+
 def run_guarded(main: Callable[[], int]) -> int:
     """Run a CLI main, turning the errors a user can act on into the exit-2 contract."""
     try:
@@ -34,12 +43,8 @@ def run_guarded(main: Callable[[], int]) -> int:
         return 0
     except MedFinderError as exc:
         fail(str(exc))
-    except FileNotFoundError as exc:
-        fail(f"{exc.filename}: no such file or folder.")
-    except PermissionError as exc:
-        fail(f"{exc.filename}: permission denied.")
     except OSError as exc:
-        fail(f"{getattr(exc, 'filename', '') or 'output'}: {exc.strerror or exc}.")
+        fail(os_error_sentence(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

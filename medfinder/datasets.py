@@ -114,6 +114,8 @@ def _where_not_utf8(path: Path) -> str:
 
 
 def _open_csv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    if path.is_dir():
+        raise ManifestError(f"The {what} {path} is a folder, not a CSV file.")
     if not path.is_file():
         raise ManifestError(f"The {what} {path} does not exist.")
     # csv refuses fields over 128 KiB by default, which would fail the whole file over one huge

@@ -15,7 +15,6 @@ Metric functions take similarity matrices so they can be checked on hand-built o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .cli_support import CliParser, os_error_sentence
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError
 from .volume import Volume
@@ -217,7 +217,7 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medfinder.evaluate", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m medfinder.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
     parser.add_argument("--manifest", required=True, type=Path, help="manifest CSV: case_id,image,report,labels...")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
@@ -235,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_model(model, records, workers=args.workers, batch_size=args.batch_size)
     except MedFinderError as exc:
         print(str(exc), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(os_error_sentence(exc), file=sys.stderr)
         return 2
     result = {"model": model.config["name"], "fingerprint": model.fingerprint, "manifest": str(args.manifest),
               "split": args.split, **result}

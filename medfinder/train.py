@@ -17,7 +17,6 @@ gradient accumulation (negatives stay per micro-batch). The split is the hash sp
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .cli_support import CliParser, os_error_sentence
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError, ModelError
 from .evaluate import finding_names_of, keyword_precision, label_matrix, retrieval_metrics
@@ -598,7 +598,7 @@ def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
     defaults = TrainSettings(manifest="", out="")
-    p = argparse.ArgumentParser(prog="python -m medfinder.train", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m medfinder.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True, nargs="+",
                    help="manifest CSV(s): case_id,image,report,labels... (several are joined)")
     p.add_argument("--out", required=True, help="output model folder (best checkpoint; resume state inside)")
@@ -667,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(settings, resume=resume)
     except MedFinderError as exc:
         print(str(exc), file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out inside a file, or a full disk while saving a checkpoint
+        print(os_error_sentence(exc), file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     return 0

@@ -121,3 +121,10 @@ def test_cli_error_is_one_sentence_and_exit_2(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert "absent" in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_a_folder_given_as_the_manifest_is_named_as_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medfinder.demo import DEMO_MODEL_DIR
+
+    code = main(["--model", str(DEMO_MODEL_DIR), "--manifest", str(tmp_path), "--json"])
+    assert code == 2 and capsys.readouterr().err.strip() == f"The manifest {tmp_path} is a folder, not a CSV file."

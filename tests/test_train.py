@@ -286,3 +286,18 @@ def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="another architecture"):
         train(TrainSettings(manifest=str(manifest), out=str(tmp_path / "wider"), config=str(config),
                             init=str(stage1), epochs=1, batch_size=4, max_steps=1))
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
+    (tmp_path / "afile").write_text("not a folder")
+    code = main(["--manifest", str(manifest), "--out", str(tmp_path / "afile" / "m"), "--config", "medfinder-tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"{tmp_path / 'afile' / 'm'}: Not a directory."
+
+
+def test_a_bad_argument_is_one_sentence_not_a_usage_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m"), "--epochs", "many"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and "--epochs" in err and "usage:" not in err
