@@ -99,7 +99,8 @@ def ensure_demo_examples(index_dir: Path = DEMO_INDEX_DIR) -> dict[str, Path]:
         target = folder / f"phantom_example_{i + 1}.nii.gz"
         if not target.exists():
             case = generate_case(EXAMPLE_SEED, i)
-            found = "_".join(f.name.lower().replace(" ", "-") for f in case.findings[:2]) or "normal"
+            names = list(dict.fromkeys(f.name.lower().replace(" ", "-") for f in case.findings))  # one per bilateral pair
+            found = "_".join(names[:2]) or "normal"
             tmp = folder / f".{target.name}.part.nii.gz"
             nib.save(nib.Nifti1Image(case.volume.hu, case.volume.affine), str(tmp))
             tmp.replace(target)

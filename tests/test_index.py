@@ -530,7 +530,7 @@ def test_demo_examples_from_an_earlier_seed_are_regenerated(tmp_path, monkeypatc
     from medfinder import demo
     from medfinder.phantoms import generate_case
 
-    monkeypatch.setattr(demo, "EXAMPLE_CASES", 1)
+    monkeypatch.setattr(demo, "EXAMPLE_CASES", 2)
     folder = demo.examples_dir(tmp_path / "demo_index")
     folder.mkdir(parents=True)
     old = generate_case(9, 0)  # what releases before seed 2718 wrote, with no seed file
@@ -539,7 +539,10 @@ def test_demo_examples_from_an_earlier_seed_are_regenerated(tmp_path, monkeypatc
 
     examples = demo.ensure_demo_examples(tmp_path / "demo_index")
     phantoms = [p for label, p in examples.items() if "synthetic" in label]
-    assert len(phantoms) == 1
+    assert len(phantoms) == 2
+    for label in (label for label in examples if "synthetic" in label):
+        named = label.split("synthetic: ")[1].rstrip(")").split("_")
+        assert len(named) == len(set(named)), label  # a bilateral finding (example 2's effusion) is named once
     expected = generate_case(demo.EXAMPLE_SEED, 0).volume.hu
     np.testing.assert_allclose(np.asanyarray(nib.load(str(phantoms[0])).dataobj), expected, atol=1e-3)
     stamp = phantoms[0].stat().st_mtime_ns
