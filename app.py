@@ -85,7 +85,7 @@ def searcher() -> Searcher:
     if _searcher is None:
         index_dir = Path(os.environ.get("MEDFINDER_INDEX", DEMO_INDEX_DIR))
         # A demo index left by older weights is rebuilt, not refused: it is synthetic, made from a seed.
-        if index_dir == DEMO_INDEX_DIR and not demo_index_is_current(index_dir):
+        if index_dir.resolve() == DEMO_INDEX_DIR.resolve() and not demo_index_is_current(index_dir):
             print("Building the demo index from synthetic phantoms (first start, or new weights)...", flush=True)
             ensure_demo_index(index_dir)
         _searcher = Searcher.open(index_dir, os.environ.get("MEDFINDER_MODEL") or None)

@@ -25,12 +25,16 @@ class CliParser(argparse.ArgumentParser):
 
 
 def os_error_sentence(exc: OSError) -> str:
-    """One sentence for a file-system error, naming the path (a folder that is a file, a full disk, ...)."""
+    """One sentence for a file-system error, naming the path when the error carries one."""
     if isinstance(exc, FileNotFoundError):
-        return f"{exc.filename}: no such file or folder."
-    if isinstance(exc, PermissionError):
-        return f"{exc.filename}: permission denied."
-    return f"{getattr(exc, 'filename', '') or 'output'}: {exc.strerror or exc}."
+        reason = "no such file or folder"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    else:  # e.g. "Not a directory", "No space left on device"
+        reason = str(exc.strerror or exc).rstrip(".")
+        reason = reason[:1].lower() + reason[1:]
+    name = getattr(exc, "filename", None)
+    return f"{name}: {reason}." if name else f"A file could not be read or written: {reason}."
 
 
 def run_guarded(main: Callable[[], int]) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cli_support import CliParser, os_error_sentence
+from .cli_support import CliParser, run_guarded
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError
 from .volume import Volume
@@ -224,25 +224,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for loading volumes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
-    args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         from .model import MedFinder
 
-        model = MedFinder.from_pretrained(args.model)
-        records = select_split(read_manifest(args.manifest), args.split)
+        args = parser.parse_args(argv)
+        records = select_split(read_manifest(args.manifest), args.split)  # before the model: a bad CSV fails fast
         if not records:
             raise MedFinderError(f"The manifest {args.manifest} has no cases in the {args.split} split.")
+        model = MedFinder.from_pretrained(args.model)
         result = evaluate_model(model, records, workers=args.workers, batch_size=args.batch_size)
-    except MedFinderError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_sentence(exc), file=sys.stderr)
-        return 2
-    result = {"model": model.config["name"], "fingerprint": model.fingerprint, "manifest": str(args.manifest),
-              "split": args.split, **result}
-    print(json.dumps(json_safe(result), indent=2) if args.json else _summary(result))
-    return 0
+        result = {"model": model.config["name"], "fingerprint": model.fingerprint, "manifest": str(args.manifest),
+                  "split": args.split, **result}
+        print(json.dumps(json_safe(result), indent=2) if args.json else _summary(result))
+        return 0
+
+    return run_guarded(run)
 
 
 if __name__ == "__main__":

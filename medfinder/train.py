@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .cli_support import CliParser, os_error_sentence
+from .cli_support import CliParser, run_guarded
 from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
 from .errors import MedFinderError, ModelError
 from .evaluate import finding_names_of, keyword_precision, label_matrix, retrieval_metrics
@@ -72,7 +72,7 @@ class TrainSettings:
     label_head_weight: float = 0.0  # a training-only linear classifier on image-tower features
     label_balance: float = 0.0  # label head: positives weigh (negatives / positives) ** this (0 = off, 1 = balanced)
     lock_image: bool = False  # LiT: train projections and temperature on cached image-tower features
-    feature_views: int = 4  # augmented views per volume cached when the image tower is locked
+    feature_views: int = 4  # views per volume cached when the image tower is locked (view 0 not augmented)
     full_report_probability: float = 0.5
     min_window_fraction: float = 0.5
     translate_voxels: float = 4.0
@@ -631,7 +631,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
                    help="keep the image tower of --init fixed and train projections and temperature on its "
                         "cached features (LiT); epochs then take seconds")
     p.add_argument("--feature-views", type=int, default=defaults.feature_views,
-                   help="augmented views per volume cached with --lock-image")
+                   help="views per volume cached with --lock-image (the first as preprocessed, the rest augmented)")
     p.add_argument("--full-report-probability", type=float, default=defaults.full_report_probability)
     p.add_argument("--min-window-fraction", type=float, default=defaults.min_window_fraction)
     p.add_argument("--no-cache", action="store_true", help="stream volumes instead of keeping them in memory")
@@ -661,18 +661,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainSettings, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; an error a user can act on (MedFinderError, OSError) exits 2 with one sentence."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings, resume = parse_args(argv)
-    try:
+
+    def run() -> int:
+        settings, resume = parse_args(argv)
         result = train(settings, resume=resume)
-    except MedFinderError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. --out inside a file, or a full disk while saving a checkpoint
-        print(os_error_sentence(exc), file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
-    return 0
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+        return 0
+
+    return run_guarded(run)
 
 
 if __name__ == "__main__":

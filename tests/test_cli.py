@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +81,16 @@ def test_index_build_errors(tmp_path, tiny_model_dir):
     _one_sentence_error(_run("-m", "index_build", "--manifest", str(tmp_path / "none.csv"), "--out",
                              str(tmp_path / "o"), "--model", str(tiny_model_dir)), "none.csv")
     _one_sentence_error(_run("-m", "index_build", "--out", str(tmp_path / "o")), "required")
+
+
+@pytest.mark.parametrize("error, sentence", [
+    (FileNotFoundError(2, "No such file or directory", "/data/a.csv"), "/data/a.csv: no such file or folder."),
+    (PermissionError(13, "Permission denied", "/out"), "/out: permission denied."),
+    (NotADirectoryError(20, "Not a directory", "/tmp/f/m"), "/tmp/f/m: not a directory."),
+    (OSError(28, "No space left on device"), "A file could not be read or written: no space left on device."),
+    (FileNotFoundError("gone."), "A file could not be read or written: no such file or folder."),
+])
+def test_a_file_system_error_is_one_sentence_naming_the_path_when_known(error: OSError, sentence: str) -> None:
+    from medfinder.cli_support import os_error_sentence
+
+    assert os_error_sentence(error) == sentence

@@ -117,14 +117,19 @@ def test_cli_prints_json_metrics_for_a_saved_model(tmp_path: Path, capsys: pytes
 
 
 def test_cli_error_is_one_sentence_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--model", str(tmp_path / "absent"), "--manifest", str(tmp_path / "m.csv"), "--json"])
+    from test_datasets import write_tiny_corpus
+
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "absent"), "--manifest", str(manifest), "--split", "all", "--json"])
     err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert "absent" in err and err.count("\n") == 0 and "Traceback" not in err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and "absent" in err and err.count("\n") == 0 and "Traceback" not in err
 
 
-def test_a_folder_given_as_the_manifest_is_named_as_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from medfinder.demo import DEMO_MODEL_DIR
-
-    code = main(["--model", str(DEMO_MODEL_DIR), "--manifest", str(tmp_path), "--json"])
-    assert code == 2 and capsys.readouterr().err.strip() == f"The manifest {tmp_path} is a folder, not a CSV file."
+def test_a_folder_given_as_the_manifest_is_named_as_a_folder_before_any_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # the model folder does not exist: the manifest is read first
+        main(["--model", str(tmp_path / "absent"), "--manifest", str(tmp_path), "--json"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: The manifest {tmp_path} is a folder, not a CSV file."

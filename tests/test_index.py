@@ -545,6 +545,8 @@ def test_demo_examples_from_an_earlier_seed_are_regenerated(tmp_path, monkeypatc
         assert len(named) == len(set(named)), label  # a bilateral finding (example 2's effusion) is named once
     expected = generate_case(demo.EXAMPLE_SEED, 0).volume.hu
     np.testing.assert_allclose(np.asanyarray(nib.load(str(phantoms[0])).dataobj), expected, atol=1e-3)
+    assert not any("old" in label for label in examples)  # the stale label went with its scan
     stamp = phantoms[0].stat().st_mtime_ns
-    demo.ensure_demo_examples(tmp_path / "demo_index")  # same seed: kept, not rewritten
-    assert phantoms[0].stat().st_mtime_ns == stamp
+    phantoms[1].unlink()  # same seed, one example missing: only that one is made again
+    again = demo.ensure_demo_examples(tmp_path / "demo_index")
+    assert phantoms[0].stat().st_mtime_ns == stamp and phantoms[1].exists() and again.keys() == examples.keys()

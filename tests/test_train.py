@@ -91,15 +91,17 @@ def test_two_step_training_writes_a_checkpoint_and_resumes(tmp_path: Path) -> No
 
 
 def test_cli_reports_a_missing_manifest_in_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--manifest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == f"The manifest {tmp_path / 'absent.csv'} does not exist."
+    assert exit_info.value.code == 2 and err[-1] == f"error: The manifest {tmp_path / 'absent.csv'} does not exist."
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
-    code = main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny", "--resume"])
-    assert code == 2 and "Cannot resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny", "--resume"])
+    assert exit_info.value.code == 2 and "Cannot resume" in capsys.readouterr().err
 
 
 def test_locked_image_stage_trains_projections_only(tmp_path: Path) -> None:
@@ -291,9 +293,10 @@ def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
 def test_an_output_folder_that_cannot_be_made_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
     (tmp_path / "afile").write_text("not a folder")
-    code = main(["--manifest", str(manifest), "--out", str(tmp_path / "afile" / "m"), "--config", "medfinder-tiny"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", str(manifest), "--out", str(tmp_path / "afile" / "m"), "--config", "medfinder-tiny"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == f"{tmp_path / 'afile' / 'm'}: Not a directory."
+    assert exit_info.value.code == 2 and err[-1] == f"error: {tmp_path / 'afile' / 'm'}: not a directory."
 
 
 def test_a_bad_argument_is_one_sentence_not_a_usage_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
