@@ -21,6 +21,8 @@ DEMO_CASES = 120
 #: (tests/test_index.py checks both against the seeds recorded in assets/model/training_stage1.json).
 EXAMPLE_SEED = 2718
 EXAMPLE_CASES = 3
+#: Names the seed its examples came from, so that examples from an earlier seed are replaced.
+_SEED_FILE = ".seed"
 BUNDLED_EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 
@@ -116,9 +118,6 @@ def ensure_demo_examples(index_dir: Path = DEMO_INDEX_DIR) -> dict[str, Path]:
         label = f"{p.name} (synthetic: {note.read_text()})" if note.exists() else p.name
         examples[label] = p
     return examples
-
-
-_SEED_FILE = ".seed"
 
 
 def _drop_examples_from_another_seed(folder: Path) -> bool:
