@@ -554,8 +554,6 @@ class CaseIndex:
             now = _now()
             for entry, (vectors, metadata), parsed in zip(cases, prepared, reports):
                 findings = [_finding_dict(f) for f in (entry.findings or (parsed.findings if parsed is not None else []))]
-                if entry.case_id in self._keywords:
-                    self._keywords.remove(entry.case_id)
                 if entry.case_id in existing:
                     label, old_channels = existing[entry.case_id]
                 else:
@@ -567,8 +565,6 @@ class CaseIndex:
                 for channel, vector in vectors.items():
                     per_channel[channel][0].append(label)
                     per_channel[channel][1].append(vector)
-                if parsed is not None:
-                    self._keywords.add(entry.case_id, parsed)
                 rows.append((
                     label, entry.case_id, entry.report or "", json.dumps(findings), entry.source or "",
                     None if entry.shape is None else json.dumps([int(s) for s in entry.shape]),
@@ -576,20 +572,20 @@ class CaseIndex:
                     json.dumps(metadata), json.dumps(sorted(vectors)), now,
                 ))
                 thumbnails.append((label, entry.thumbnail_png))
-            with db:
-                db.executemany(
-                    "INSERT INTO cases (label, case_id, report, findings, source, shape, spacing, metadata, channels, added) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET "
-                    "report=excluded.report, findings=excluded.findings, source=excluded.source, "
-                    "shape=excluded.shape, spacing=excluded.spacing, metadata=excluded.metadata, "
-                    "channels=excluded.channels, added=excluded.added",
-                    rows,
-                )
-                db.executemany("DELETE FROM thumbnails WHERE label = ?", [(label,) for label, _ in thumbnails])
-                db.executemany(
-                    "INSERT INTO thumbnails (label, png) VALUES (?, ?)",
-                    [(label, sqlite3.Binary(png)) for label, png in thumbnails if png],
-                )
+            try:
+                self._insert_rows(db, rows, thumbnails)
+            except sqlite3.OperationalError as error:
+                # The transaction rolled back and nothing in memory has changed yet, so the batch
+                # is simply not added; a full disk is the usual cause.
+                raise CaseIndexError(
+                    f"Cannot add cases to the case index at {self.folder}: its database cannot be written "
+                    f"({error}; is the disk full?); the last committed version is intact."
+                ) from error
+            for entry, parsed in zip(cases, reports):
+                if entry.case_id in self._keywords:
+                    self._keywords.remove(entry.case_id)
+                if parsed is not None:
+                    self._keywords.add(entry.case_id, parsed)
             for channel, labels in drops.items():
                 if labels:
                     self._vectors[channel].delete(np.asarray(labels, dtype=np.int64))
@@ -599,6 +595,23 @@ class CaseIndex:
                     self._vectors[channel].add(np.asarray(labels, dtype=np.int64), np.stack(vectors_list))
                     self._dirty.add(channel)
             self._dirty.update({CASES_FILE, KEYWORDS_FILE})
+
+    @staticmethod
+    def _insert_rows(db: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes | None]]) -> None:
+        with db:
+            db.executemany(
+                "INSERT INTO cases (label, case_id, report, findings, source, shape, spacing, metadata, channels, added) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET "
+                "report=excluded.report, findings=excluded.findings, source=excluded.source, "
+                "shape=excluded.shape, spacing=excluded.spacing, metadata=excluded.metadata, "
+                "channels=excluded.channels, added=excluded.added",
+                rows,
+            )
+            db.executemany("DELETE FROM thumbnails WHERE label = ?", [(label,) for label, _ in thumbnails])
+            db.executemany(
+                "INSERT INTO thumbnails (label, png) VALUES (?, ?)",
+                [(label, sqlite3.Binary(png)) for label, png in thumbnails if png],
+            )
 
     def _prepare(self, entry: CaseEntry) -> tuple[dict[str, np.ndarray], dict]:
         """Validate one entry before anything is changed, so a bad case cannot half-apply a batch."""
@@ -691,10 +704,11 @@ class CaseIndex:
                     updated=_now(),
                 )
                 self._write_manifest(manifest)
-            except OSError as error:
+            except (OSError, sqlite3.OperationalError) as error:
                 self._recover_work_dir(work, final, renamed)
+                problem = _os_problem(error) if isinstance(error, OSError) else f"cannot be written ({error})"
                 raise CaseIndexError(
-                    f"Cannot save the case index at {self.folder}: the folder {_os_problem(error)}; "
+                    f"Cannot save the case index at {self.folder}: the folder {problem}; "
                     "the previous version of the index is intact."
                 ) from error
             except BaseException:

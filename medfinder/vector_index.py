@@ -14,6 +14,7 @@ come from ``benchmarks/ann_recall.py`` (clustered synthetic unit vectors, 256 di
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 import threading
@@ -247,6 +248,8 @@ def _empty(n_queries: int) -> tuple[np.ndarray, np.ndarray]:
 # offsetData (size_t each), maxlevel (int), enterpoint (uint32), maxM, maxM0, M (size_t),
 # mult (double), ef_construction (size_t).
 _HNSW_HEADER = struct.Struct("<6Q iI 3Q d Q")
+_HNSW_LENGTH_SIZE = 4  # float32 per element: the vector's length before normalisation
+_LINK_LIST_SIZE = struct.Struct("<I")  # before each element's upper-level links
 _HNSW_DELETE_MARK = 0x01  # bit in byte 2 of an element's level-0 link-count word
 
 
@@ -373,6 +376,9 @@ class HnswIndex:
     def save(self, path: str | os.PathLike[str]) -> None:
         with self._lock:
             self._index.save_index(os.fspath(path))
+        # hnswlib writes through an unchecked std::ofstream: a full disk leaves a short file
+        # and no error, and the index would be committed with it.
+        _check_hnsw_complete(os.fspath(path))
 
     @classmethod
     def load(
@@ -400,6 +406,29 @@ class HnswIndex:
         loaded._deleted = _deleted_labels(path, header, index.element_count)
         loaded._index.set_ef(loaded.ef)
         return loaded
+
+
+def _check_hnsw_complete(path: str) -> None:
+    """Raise unless the file at ``path`` is as long as the HNSW graph its header describes.
+
+    chroma-hnswlib writes the header, the level-0 blocks, one float32 length per element, then
+    per element a 4-byte size followed by that many bytes of upper-level links. Walking those
+    sizes gives the exact length of a complete file, as hnswlib's own loadIndex check does.
+    """
+    header = _read_hnsw_header(path)
+    actual = os.path.getsize(path)
+    expected = _HNSW_HEADER.size + header["count"] * (header["size_per_element"] + _HNSW_LENGTH_SIZE)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        walked = 0
+        while walked < header["count"] and expected + 4 <= actual:
+            (links,) = _LINK_LIST_SIZE.unpack_from(data, expected)
+            expected += 4 + links
+            walked += 1
+    if walked != header["count"] or expected != actual:
+        raise CaseIndexError(
+            f"The HNSW file {path} was not written completely: its {actual} bytes do not hold the "
+            f"{header['count']} elements its header names (is the disk full?)."
+        )
 
 
 def _deleted_labels(path: str, header: dict[str, int], element_count: int) -> set[int]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +39,24 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, 
         img.header[key] = value
     nib.save(img, str(path))
     return path
+
+
+@contextmanager
+def file_size_limit(max_bytes: int) -> Iterator[None]:
+    """Stop every file this process writes at ``max_bytes``, as a full disk stops it.
+
+    Writes past the limit fail with EFBIG (SIGXFSZ is ignored, as CPython ignores it), which
+    libraries report the way they report ENOSPC: hnswlib not at all, sqlite and safetensors
+    with their own error types.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def copy_dicom_series(src: Path, dst: Path) -> list[Path]:

@@ -20,6 +20,8 @@ from medfinder.errors import CaseIndexError
 from medfinder.index import CaseEntry, CaseIndex
 from medfinder.vector_index import ExactIndex, HnswIndex, ef_for_size
 
+from conftest import file_size_limit
+
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"image": 16, "report": 16, "report_text": 24}
 FINGERPRINT = "0123456789abcdef"
@@ -371,6 +373,50 @@ def test_a_full_disk_during_commit_is_one_sentence_and_can_be_retried(tmp_path: 
     index.commit()
     index.close()
     assert len(CaseIndex.open(folder)) == 8
+
+
+def test_a_short_hnsw_write_is_an_error_not_a_corrupt_index(tmp_path: Path) -> None:
+    # hnswlib writes without checking: on a full disk it leaves a short file and reports nothing.
+    index = HnswIndex(64)
+    index.add(np.arange(3000), clustered(3000, 64, seed=3))
+    with file_size_limit(100_000), pytest.raises(CaseIndexError, match="not written completely.*disk full"):
+        index.save(tmp_path / "short.bin")
+    index.save(tmp_path / "whole.bin")
+    assert len(HnswIndex.load(tmp_path / "whole.bin", 64)) == 3000
+
+
+def test_a_full_disk_during_commit_keeps_the_previous_index(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = CaseIndex.create(folder, "medfinder-test", FINGERPRINT, {"image": 256}, None)
+    index.add([CaseEntry(case_id="first", vectors={"image": clustered(1, 256, seed=4)[0]})])
+    index.commit()
+    vectors = clustered(2000, 256, seed=5)  # an HNSW file of ~2.5 MB, a case database of ~0.2 MB
+    index.add([CaseEntry(case_id=f"more-{i}", vectors={"image": v}) for i, v in enumerate(vectors)])
+    with file_size_limit(1_000_000), pytest.raises(CaseIndexError) as caught:
+        index.commit()
+    assert "not written completely" in str(caught.value) and "\n" not in str(caught.value)
+    assert len(CaseIndex.open(folder)) == 1
+    index.commit()
+    index.close()
+    assert len(CaseIndex.open(folder)) == 2001
+
+
+def test_a_full_disk_while_adding_leaves_the_index_as_it_was(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = make_index(folder, n=5)
+    index.add(entries(1, start=99))  # the working copy of the case database now exists
+    before = index.keyword_search("pleural effusion", 50)
+    with file_size_limit(os.path.getsize(index._work_dir / "cases.sqlite")), pytest.raises(CaseIndexError) as caught:
+        index.add(entries(300, start=100))
+    message = str(caught.value)
+    assert str(folder) in message and "disk full" in message and "\n" not in message
+    # Nothing of the refused batch is searchable, by keyword or by vector.
+    assert index.keyword_search("pleural effusion", 50) == before
+    assert len(index) == 6 and not index.contains("case-0100")
+    index.add(entries(300, start=100))
+    index.commit()
+    index.close()
+    assert len(CaseIndex.open(folder)) == 306
 
 
 def test_uncommitted_changes_are_invisible_to_readers_and_dropped_on_close(tmp_path: Path) -> None:
