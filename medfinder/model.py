@@ -530,6 +530,7 @@ class MedFinder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (each replaced atomically)."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -545,12 +546,19 @@ class MedFinder(nn.Module):
         )
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
             tmp_weights = Path(tmp.name)
-        save_file(state, str(tmp_weights), metadata={"format": FORMAT_NAME})
-        tmp_weights.chmod(0o644)  # NamedTemporaryFile creates 0600; a model folder is shared
-        os.replace(tmp_weights, directory / WEIGHTS_FILE)
         tmp_config = directory / (CONFIG_FILE + ".tmp")
-        tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_config, directory / CONFIG_FILE)
+        try:
+            save_file(state, str(tmp_weights), metadata={"format": FORMAT_NAME})
+            tmp_weights.chmod(0o644)  # NamedTemporaryFile creates 0600; a model folder is shared
+            os.replace(tmp_weights, directory / WEIGHTS_FILE)
+            tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp_config, directory / CONFIG_FILE)
+        except SafetensorError as exc:
+            # safetensors reports a full disk as its own error type, not as an OSError.
+            raise ModelError(f"The weights could not be written to {directory} ({exc}); is the disk full?") from None
+        finally:
+            tmp_weights.unlink(missing_ok=True)
+            tmp_config.unlink(missing_ok=True)
         return directory
 
     def load_weights(self, path: str | Path) -> None:

@@ -293,8 +293,14 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
         "rngs": rngs,
     }
     tmp = folder / (STATE_FILE + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(folder / STATE_FILE)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(folder / STATE_FILE)
+    except RuntimeError as exc:
+        # torch.save reports a short write (a full disk) as a RuntimeError from its zip writer.
+        raise ModelError(f"The training checkpoint could not be written to {folder} ({exc}); is the disk full?") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def feature_bank(model: MedFinder, dataset: CaseDataset, indices: Sequence[int], settings: TrainSettings,

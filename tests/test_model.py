@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import file_size_limit
 from medfinder.errors import ModelError
 from medfinder.losses import FindingLoss, contrastive_loss, view_consistency_loss
 from medfinder.model import MedFinder, create_model_and_transforms, load_config, split_sentences
@@ -163,6 +164,21 @@ def test_flipped_weight_byte_fails_the_checksum(tmp_path: Path, tiny: tuple[MedF
     (folder / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="checksum"):
         MedFinder.from_pretrained(folder)
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_saved_model(
+        tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    folder = model.save_pretrained(tmp_path / "m")
+    saved = (folder / "model.safetensors").read_bytes()
+    with file_size_limit(len(saved) // 2), pytest.raises(ModelError) as caught:
+        model.save_pretrained(folder)
+    message = str(caught.value)
+    assert str(folder) in message and "disk full" in message and "\n" not in message
+    # The earlier copy is untouched and no half-written temporary file is left beside it.
+    assert (folder / "model.safetensors").read_bytes() == saved
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert MedFinder.from_pretrained(folder).fingerprint == model.fingerprint
 
 
 def test_checkpoint_from_another_architecture_names_the_tensor(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import file_size_limit
 from test_datasets import write_tiny_corpus
 
 from medfinder.datasets import CaseDataset, CaseRecord, read_manifest, split_of
@@ -95,6 +96,25 @@ def test_cli_reports_a_missing_manifest_in_one_sentence(tmp_path: Path, capsys: 
         main(["--manifest", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "m"), "--config", "medfinder-tiny"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1] == f"error: The manifest {tmp_path / 'absent.csv'} does not exist."
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=6)
+    out = tmp_path / "m"
+    args = ["--manifest", str(manifest), "--out", str(out), "--config", "medfinder-tiny", "--epochs", "1",
+            "--batch-size", "4", "--workers", "0"]
+    main(args)  # a run that fits, to learn how large the weights and the optimizer state are
+    weights_bytes = (out / CHECKPOINT_DIR / "model.safetensors").stat().st_size
+    state_bytes = (out / CHECKPOINT_DIR / STATE_FILE).stat().st_size
+    assert state_bytes > weights_bytes + 65536  # AdamW keeps two moments per trainable weight
+    capsys.readouterr()
+    # The weights fit, the optimizer state does not: torch.save's short write must not be a traceback.
+    with file_size_limit(weights_bytes + 65536), pytest.raises(SystemExit) as exit_info:
+        main([*args[:3], str(tmp_path / "m2"), *args[4:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) >= 1
+    assert err[-1].startswith(f"error: The training checkpoint could not be written to {tmp_path / 'm2' / CHECKPOINT_DIR}")
+    assert "disk full" in err[-1] and not list((tmp_path / "m2" / CHECKPOINT_DIR).glob("*.tmp"))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
