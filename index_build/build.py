@@ -72,7 +72,10 @@ class _PreparedCases(Dataset):
                 item["parsed"] = parse_report(record.report)
             if record.image is not None:
                 volume = load_volume(record.image, label=hidden_source)
-                item["image"] = self.preprocessor(volume)
+                # As a numpy array the volume goes back through the worker's pipe. A tensor would go
+                # through /dev/shm, and where that is small (64 MB in a default Docker container) the
+                # batch is lost in the worker's queue thread and the build waits for it for ever.
+                item["image"] = self.preprocessor(volume).numpy()
                 item["thumbnail"] = thumbnail_png(volume)
                 item["shape"], item["spacing"] = volume.shape, volume.spacing
         except MedFinderError as exc:
@@ -162,7 +165,7 @@ def _entries(model: Any, items: list[dict[str, Any]]) -> list[CaseEntry]:
     vectors: list[dict[str, np.ndarray]] = [{} for _ in items]
     with_image = [i for i, item in enumerate(items) if item["image"] is not None]
     if with_image:
-        images = model.encode_image(torch.stack([items[i]["image"] for i in with_image])).numpy()
+        images = model.encode_image(torch.from_numpy(np.stack([items[i]["image"] for i in with_image]))).numpy()
         for row, i in enumerate(with_image):
             vectors[i]["image"] = images[row]
     with_report = [i for i, item in enumerate(items) if item["record"].report]

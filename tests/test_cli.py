@@ -77,6 +77,37 @@ def test_index_build_cli_adds_then_skips(tiny_corpus, tiny_model_dir, tmp_path):
     assert again["added"] == 0 and again["skipped_already_indexed"] == 12
 
 
+def test_index_build_with_workers_does_not_need_shared_memory(tiny_corpus, tmp_path):
+    """A small /dev/shm (64 MB in a default Docker container) once made a build with workers wait for ever.
+
+    The child may write no file larger than half a preprocessed volume. The cap covers the
+    shared-memory files torch would pass volumes through, as a full /dev/shm would, and leaves
+    room for every file of this 12-case index.
+    """
+    import resource
+
+    import torch
+
+    from medfinder.model import create_model_and_transforms, load_config
+
+    config = load_config("medfinder-tiny")
+    config["preprocess"]["shape"] = [64, 64, 48]
+    torch.manual_seed(0)
+    model, _ = create_model_and_transforms(config)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    volume_bytes = 4 * 2 * 64 * 64 * 48
+    cap = volume_bytes // 2
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "-m", "index_build", "--manifest", str(tiny_corpus), "--out",
+                           str(tmp_path / "idx"), "--model", str(model_dir), "--workers", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240, preexec_fn=capped)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["added"] == 12
+
+
 def test_index_build_errors(tmp_path, tiny_model_dir):
     _one_sentence_error(_run("-m", "index_build", "--manifest", str(tmp_path / "none.csv"), "--out",
                              str(tmp_path / "o"), "--model", str(tiny_model_dir)), "none.csv")
