@@ -20,11 +20,9 @@ the slab size never changes the result) finish it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .cli_support import CliParser, run_guarded
 from .errors import MedFinderError
 from .volume import Volume
 
@@ -2449,15 +2448,9 @@ def render_examples(out_dir: Path, seed: int = 2024) -> list[Path]:
 # ==========================================================================================
 # Command line
 # ==========================================================================================
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"medfinder.phantoms: {message.rstrip('.')}.\n")
-        raise SystemExit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m medfinder.phantoms",
-                     description="Write synthetic chest CT cases with reports and labels.")
+    parser = CliParser(prog="python -m medfinder.phantoms",
+                       description="Write synthetic chest CT cases with reports and labels.")
     parser.add_argument("--n", type=int, help="number of cases")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (same seed, same cases)")
     parser.add_argument("--out", type=Path, help="output folder")
@@ -2466,19 +2459,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--render", type=Path, metavar="DIR", help="write the four example PNGs to DIR instead")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.render is not None:
             for path in render_examples(args.render):
                 print(path)
             return 0
         if args.n is None or args.out is None:
             parser.error("--n and --out are required (or --render DIR)")
-        manifest = write_corpus(args.n, args.seed, args.out, tuple(args.shape), tuple(args.spacing), args.workers)
-    except MedFinderError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 2
-    print(manifest)
-    return 0
+        print(write_corpus(args.n, args.seed, args.out, tuple(args.shape), tuple(args.spacing), args.workers))
+        return 0
+
+    return run_guarded(run)
 
 
 if __name__ == "__main__":

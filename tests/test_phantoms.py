@@ -304,10 +304,11 @@ def test_cli_rejects_bad_arguments_with_one_sentence(capsys: pytest.CaptureFixtu
             raise SystemExit(P.main(argv))
         assert exc.value.code == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err and "\n" not in err and "Traceback" not in err, (argv, err)
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
     file = tmp_path / "file"
     file.write_text("x")
     proc = subprocess.run([sys.executable, "-m", "medfinder.phantoms", "--n", "1", "--out", str(file)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(file) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: ")
