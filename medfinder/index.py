@@ -551,14 +551,15 @@ class CaseIndex:
             per_channel: dict[str, tuple[list[int], list[np.ndarray]]] = {c: ([], []) for c in self._manifest["dims"]}
             drops: dict[str, list[int]] = {c: [] for c in self._manifest["dims"]}
             rows, thumbnails = [], []
+            next_label = self._manifest["next_label"]
             now = _now()
             for entry, (vectors, metadata), parsed in zip(cases, prepared, reports):
                 findings = [_finding_dict(f) for f in (entry.findings or (parsed.findings if parsed is not None else []))]
                 if entry.case_id in existing:
                     label, old_channels = existing[entry.case_id]
                 else:
-                    label, old_channels = self._manifest["next_label"], []
-                    self._manifest["next_label"] += 1
+                    label, old_channels = next_label, []
+                    next_label += 1
                 for channel in old_channels:
                     if channel not in vectors:
                         drops[channel].append(label)
@@ -575,12 +576,10 @@ class CaseIndex:
             try:
                 self._insert_rows(db, rows, thumbnails)
             except sqlite3.OperationalError as error:
-                # The transaction rolled back and nothing in memory has changed yet, so the batch
-                # is simply not added; a full disk is the usual cause.
-                raise CaseIndexError(
-                    f"Cannot add cases to the case index at {self.folder}: its database cannot be written "
-                    f"({error}; is the disk full?); the last committed version is intact."
-                ) from error
+                # The transaction rolled back and the keyword postings, vector indexes and label
+                # counter are changed only below, so the batch is simply not added.
+                raise self._unwritable(error, "add cases to") from error
+            self._manifest["next_label"] = next_label
             for entry, parsed in zip(cases, reports):
                 if entry.case_id in self._keywords:
                     self._keywords.remove(entry.case_id)
@@ -652,18 +651,27 @@ class CaseIndex:
             found = self._select(db, "SELECT label, case_id, channels FROM cases WHERE case_id IN ({})", case_ids)
             if not found:
                 return 0
+            labels = [(row[0],) for row in found]
+            try:
+                with db:
+                    db.executemany("DELETE FROM cases WHERE label = ?", labels)
+                    db.executemany("DELETE FROM thumbnails WHERE label = ?", labels)
+            except sqlite3.OperationalError as error:
+                raise self._unwritable(error, "remove cases from") from error
             for label, case_id, channels in found:
                 for channel in json.loads(channels):
                     self._vectors[channel].delete(np.asarray([label], dtype=np.int64))
                     self._dirty.add(channel)
                 if case_id in self._keywords:
                     self._keywords.remove(case_id)
-            with db:
-                labels = [(row[0],) for row in found]
-                db.executemany("DELETE FROM cases WHERE label = ?", labels)
-                db.executemany("DELETE FROM thumbnails WHERE label = ?", labels)
             self._dirty.update({CASES_FILE, KEYWORDS_FILE})
             return len(found)
+
+    def _unwritable(self, error: sqlite3.OperationalError, action: str) -> CaseIndexError:
+        return CaseIndexError(
+            f"Cannot {action} the case index at {self.folder}: its database cannot be written "
+            f"({error}; is the disk full?); the last committed version is intact."
+        )
 
     def commit(self) -> None:
         """Make every change since the last commit durable, atomically (see the module notes).

@@ -548,10 +548,12 @@ class MedFinder(nn.Module):
             tmp_weights = Path(tmp.name)
         tmp_config = directory / (CONFIG_FILE + ".tmp")
         try:
+            # Both files are written before either replaces its old copy: config.json holds the
+            # weights' checksum, so new weights beside an old config would not load.
             save_file(state, str(tmp_weights), metadata={"format": FORMAT_NAME})
             tmp_weights.chmod(0o644)  # NamedTemporaryFile creates 0600; a model folder is shared
-            os.replace(tmp_weights, directory / WEIGHTS_FILE)
             tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp_weights, directory / WEIGHTS_FILE)
             os.replace(tmp_config, directory / CONFIG_FILE)
         except SafetensorError as exc:
             # safetensors reports a full disk as its own error type, not as an OSError.

@@ -282,7 +282,7 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
                      state: _State, settings: TrainSettings, rngs: dict[str, Any],
                      label_head: nn.Module | None = None) -> None:
     folder = out / CHECKPOINT_DIR
-    model.save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -293,8 +293,12 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
         "rngs": rngs,
     }
     tmp = folder / (STATE_FILE + ".tmp")
+    # The state is written first and replaced last, so a failed save leaves the previous
+    # checkpoint whole (weights and state of one step) rather than this step's weights with the
+    # previous step's optimizer.
     try:
         torch.save(payload, tmp)
+        model.save_pretrained(folder)
         tmp.replace(folder / STATE_FILE)
     except RuntimeError as exc:
         # torch.save reports a short write (a full disk) as a RuntimeError from its zip writer.

@@ -84,8 +84,6 @@ def test_index_build_with_workers_does_not_need_shared_memory(tiny_corpus, tmp_p
     shared-memory files torch would pass volumes through, as a full /dev/shm would, and leaves
     room for every file of this 12-case index.
     """
-    import resource
-
     import torch
 
     from medfinder.model import create_model_and_transforms, load_config
@@ -98,12 +96,12 @@ def test_index_build_with_workers_does_not_need_shared_memory(tiny_corpus, tmp_p
     volume_bytes = 4 * 2 * 64 * 64 * 48
     cap = volume_bytes // 2
 
-    def capped() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (cap, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    proc = subprocess.run([sys.executable, "-m", "index_build", "--manifest", str(tiny_corpus), "--out",
+    # The cap is set inside the child: preexec_fn is not safe in a parent that runs threads (torch does).
+    capped = (f"import resource, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, ({cap}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+              "runpy.run_module('index_build', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", capped, "--manifest", str(tiny_corpus), "--out",
                            str(tmp_path / "idx"), "--model", str(model_dir), "--workers", "1", "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=240, preexec_fn=capped)
+                          cwd=REPO, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["added"] == 12
 

@@ -419,6 +419,23 @@ def test_a_full_disk_while_adding_leaves_the_index_as_it_was(tmp_path: Path) -> 
     assert len(CaseIndex.open(folder)) == 306
 
 
+def test_a_full_disk_while_deleting_leaves_the_cases_searchable(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = make_index(folder, n=300)
+    index.delete(["case-0299"])  # the working copy of the case database now exists
+    before = index.keyword_search("pleural effusion", 500), index.query("image", entries(1, seed=9)[0].vectors["image"], 5)
+    # A delete does not grow the database, but its rollback journal holds a copy of every page it changes.
+    with file_size_limit(os.path.getsize(index._work_dir / "cases.sqlite") // 4), pytest.raises(CaseIndexError) as caught:
+        index.delete([f"case-{i:04d}" for i in range(200)])
+    assert "remove cases from" in str(caught.value) and "disk full" in str(caught.value)
+    after = index.keyword_search("pleural effusion", 500), index.query("image", entries(1, seed=9)[0].vectors["image"], 5)
+    assert after == before and len(index) == 299
+    assert index.delete([f"case-{i:04d}" for i in range(200)]) == 200
+    index.commit()
+    index.close()
+    assert len(CaseIndex.open(folder)) == 99
+
+
 def test_uncommitted_changes_are_invisible_to_readers_and_dropped_on_close(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     make_index(folder, n=4).close()

@@ -116,6 +116,15 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path: Path, capsys: pyt
     assert err[-1].startswith(f"error: The training checkpoint could not be written to {tmp_path / 'm2' / CHECKPOINT_DIR}")
     assert "disk full" in err[-1] and not list((tmp_path / "m2" / CHECKPOINT_DIR).glob("*.tmp"))
 
+    # Resuming the first run into a full disk keeps its last checkpoint whole: weights and state of one step.
+    before = _saved_weights_checksum(out / CHECKPOINT_DIR), torch.load(out / CHECKPOINT_DIR / STATE_FILE, weights_only=True)
+    with file_size_limit(weights_bytes + 65536), pytest.raises(SystemExit):
+        main([*args[:7], "2", *args[8:], "--resume"])
+    assert _saved_weights_checksum(out / CHECKPOINT_DIR) == before[0]
+    state = torch.load(out / CHECKPOINT_DIR / STATE_FILE, weights_only=True)
+    assert state["state"] == before[1]["state"]
+    assert MedFinder.from_pretrained(out / CHECKPOINT_DIR).fingerprint
+
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
