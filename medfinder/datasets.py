@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -413,9 +414,7 @@ class CaseDataset(Dataset):
             if image is None:
                 self.failures[self.records[index].case_id] = failure
             else:
-                # A worker's tensor lives in shared memory (/dev/shm: 64 MB in a default Docker
-                # container), which is no place to keep thousands of volumes.
-                self._cached[index] = image.clone() if image.is_shared() else image
+                self._cached[index] = torch.from_numpy(image)
         if self.failures:
             log.warning("%d case(s) skipped because their image could not be used.", len(self.failures))
 
@@ -437,7 +436,10 @@ class _Uncached(Dataset):
         # Not parent._image: in a worker process that would fill the worker's own copy of the
         # cache, so preloading held every volume twice (and ran out of memory at 4,000 cases).
         image = self.parent._preprocessed(index)
-        packed = pack_for_cache(image) if image is not None else None  # fewer bytes through shared memory
+        # Packed: fewer bytes to send. As numpy: sent through the worker's pipe, not /dev/shm,
+        # where a small one (64 MB in a default Docker container) loses the volume in the worker's
+        # queue thread and leaves preloading waiting for ever.
+        packed = pack_for_cache(image).numpy() if image is not None else None
         return index, packed, self.parent.failures.get(self.parent.records[index].case_id, "")
 
 
@@ -465,6 +467,20 @@ def unpack_from_cache(stored: torch.Tensor) -> torch.Tensor:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def collate_for_pipe(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``collate_cases`` with numpy arrays for tensors, so a worker sends the batch through its pipe.
+
+    For loaders whose workers spend seconds preprocessing each volume, the copy costs little and
+    /dev/shm is not needed; ``batch_from_pipe`` turns the arrays back into tensors.
+    """
+    batch = collate_cases(items)
+    return None if batch is None else {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batch_from_pipe(batch: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if batch is None else {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def collate_cases(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cli_support import CliParser, run_guarded
-from .datasets import CaseDataset, CaseRecord, collate_cases, read_manifest, select_split
+from .datasets import CaseDataset, CaseRecord, batch_from_pipe, collate_for_pipe, read_manifest, select_split
 from .errors import MedFinderError
 from .volume import Volume
 
@@ -116,9 +116,9 @@ def embed_cases(
 ) -> tuple[torch.Tensor, torch.Tensor, list[CaseRecord], dict[str, str]]:
     """Image and report embeddings of the cases whose image loads, plus the skipped ones."""
     dataset = CaseDataset(records, model.make_preprocessor(), loader=loader)
-    batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_cases)
+    batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_for_pipe)
     images, kept = [], []
-    for batch in batches:
+    for batch in map(batch_from_pipe, batches):
         if batch is None:
             continue
         images.append(model.encode_image(batch["image"], batch_size=batch_size))
