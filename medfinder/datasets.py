@@ -432,7 +432,7 @@ class _Uncached(Dataset):
     def __len__(self) -> int:
         return len(self.parent)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         # Not parent._image: in a worker process that would fill the worker's own copy of the
         # cache, so preloading held every volume twice (and ran out of memory at 4,000 cases).
         image = self.parent._preprocessed(index)

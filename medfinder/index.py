@@ -579,6 +579,10 @@ class CaseIndex:
                 # The transaction rolled back and the keyword postings, vector indexes and label
                 # counter are changed only below, so the batch is simply not added.
                 raise self._unwritable(error, "add cases to") from error
+            # Marked before memory changes: the rows are in the working database now, so the next
+            # commit must write what this batch touched even if an update below fails.
+            changed = {c for c, labels in drops.items() if labels} | {c for c, (labels, _) in per_channel.items() if labels}
+            self._dirty.update({CASES_FILE, KEYWORDS_FILE, *changed})
             self._manifest["next_label"] = next_label
             for entry, parsed in zip(cases, reports):
                 if entry.case_id in self._keywords:
@@ -588,12 +592,9 @@ class CaseIndex:
             for channel, labels in drops.items():
                 if labels:
                     self._vectors[channel].delete(np.asarray(labels, dtype=np.int64))
-                    self._dirty.add(channel)
             for channel, (labels, vectors_list) in per_channel.items():
                 if labels:
                     self._vectors[channel].add(np.asarray(labels, dtype=np.int64), np.stack(vectors_list))
-                    self._dirty.add(channel)
-            self._dirty.update({CASES_FILE, KEYWORDS_FILE})
 
     @staticmethod
     def _insert_rows(db: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes | None]]) -> None:
@@ -658,13 +659,12 @@ class CaseIndex:
                     db.executemany("DELETE FROM thumbnails WHERE label = ?", labels)
             except sqlite3.OperationalError as error:
                 raise self._unwritable(error, "remove cases from") from error
+            self._dirty.update({CASES_FILE, KEYWORDS_FILE, *(c for row in found for c in json.loads(row[2]))})
             for label, case_id, channels in found:
                 for channel in json.loads(channels):
                     self._vectors[channel].delete(np.asarray([label], dtype=np.int64))
-                    self._dirty.add(channel)
                 if case_id in self._keywords:
                     self._keywords.remove(case_id)
-            self._dirty.update({CASES_FILE, KEYWORDS_FILE})
             return len(found)
 
     def _unwritable(self, error: sqlite3.OperationalError, action: str) -> CaseIndexError:

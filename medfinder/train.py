@@ -291,11 +291,13 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
         "state": asdict(state),
         "settings": asdict(settings),
         "rngs": rngs,
+        # Ties the state to the weights beside it: a run killed between replacing the weights and
+        # replacing the state leaves a pair that --resume then refuses rather than mixes.
+        "fingerprint": model.fingerprint,
     }
     tmp = folder / (STATE_FILE + ".tmp")
-    # The state is written first and replaced last, so a failed save leaves the previous
-    # checkpoint whole (weights and state of one step) rather than this step's weights with the
-    # previous step's optimizer.
+    # The state is written first and replaced last, so a failed save (a full disk) leaves the
+    # previous checkpoint whole rather than this step's weights with the previous step's optimizer.
     try:
         torch.save(payload, tmp)
         model.save_pretrained(folder)
@@ -365,6 +367,11 @@ def train(
             raise ModelError(f"Cannot resume: {checkpoint / STATE_FILE} does not exist.")
         resume_payload = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
         model = MedFinder.from_pretrained(checkpoint)
+        if resume_payload.get("fingerprint", model.fingerprint) != model.fingerprint:
+            raise ModelError(
+                f"Cannot resume: the weights in {checkpoint} do not belong to the training state beside them "
+                "(a run stopped while saving?); start again or restore an earlier copy of the folder."
+            )
         preprocessor = model.make_preprocessor()
     else:
         # --init alone is a model folder that brings its own config. With an explicit --config

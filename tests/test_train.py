@@ -126,6 +126,23 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path: Path, capsys: pyt
     assert MedFinder.from_pretrained(out / CHECKPOINT_DIR).fingerprint
 
 
+def test_resume_refuses_weights_that_do_not_belong_to_the_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_tiny_corpus(tmp_path / "corpus", n=6)
+    out = tmp_path / "m"
+    args = ["--manifest", str(manifest), "--out", str(out), "--config", "medfinder-tiny", "--epochs", "1",
+            "--batch-size", "4", "--workers", "0"]
+    main(args)
+    # What a run killed between replacing the weights and replacing the state leaves behind.
+    config = MedFinder.from_pretrained(out / CHECKPOINT_DIR).config
+    torch.manual_seed(123)
+    MedFinder(config).save_pretrained(out / CHECKPOINT_DIR)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:7], "2", *args[8:], "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "do not belong to the training state" in err[-1]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2)
     with pytest.raises(SystemExit) as exit_info:
