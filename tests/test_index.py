@@ -401,18 +401,27 @@ def test_a_full_disk_during_commit_keeps_the_previous_index(tmp_path: Path) -> N
     assert len(CaseIndex.open(folder)) == 2001
 
 
+def searchable(index: CaseIndex) -> tuple[list, list]:
+    """What a keyword search and an image search answer, to compare before and after a change."""
+    return index.keyword_search("pleural effusion", 500), index.query("image", entries(1, seed=9)[0].vectors["image"], 5)
+
+
+def disk_full_below(index: CaseIndex, fraction: float = 1.0):
+    """A full disk for the next write into the working case database (which must exist)."""
+    return file_size_limit(int(os.path.getsize(index._work_dir / "cases.sqlite") * fraction))
+
+
 def test_a_full_disk_while_adding_leaves_the_index_as_it_was(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     index = make_index(folder, n=5)
     index.add(entries(1, start=99))  # the working copy of the case database now exists
-    before = index.keyword_search("pleural effusion", 50)
-    with file_size_limit(os.path.getsize(index._work_dir / "cases.sqlite")), pytest.raises(CaseIndexError) as caught:
+    before = searchable(index)
+    with disk_full_below(index), pytest.raises(CaseIndexError) as caught:
         index.add(entries(300, start=100))
     message = str(caught.value)
     assert str(folder) in message and "disk full" in message and "\n" not in message
     # Nothing of the refused batch is searchable, by keyword or by vector.
-    assert index.keyword_search("pleural effusion", 50) == before
-    assert len(index) == 6 and not index.contains("case-0100")
+    assert searchable(index) == before and len(index) == 6 and not index.contains("case-0100")
     index.add(entries(300, start=100))
     index.commit()
     index.close()
@@ -420,20 +429,17 @@ def test_a_full_disk_while_adding_leaves_the_index_as_it_was(tmp_path: Path) -> 
 
 
 def test_a_full_disk_while_deleting_leaves_the_cases_searchable(tmp_path: Path) -> None:
-    folder = tmp_path / "index"
-    index = make_index(folder, n=300)
-    index.delete(["case-0299"])  # the working copy of the case database now exists
-    before = index.keyword_search("pleural effusion", 500), index.query("image", entries(1, seed=9)[0].vectors["image"], 5)
+    index = make_index(tmp_path / "index", n=300)
+    index.delete(["case-0299"])
+    before = searchable(index)
     # A delete does not grow the database, but its rollback journal holds a copy of every page it changes.
-    with file_size_limit(os.path.getsize(index._work_dir / "cases.sqlite") // 4), pytest.raises(CaseIndexError) as caught:
+    with disk_full_below(index, 0.25), pytest.raises(CaseIndexError, match="remove cases from.*disk full"):
         index.delete([f"case-{i:04d}" for i in range(200)])
-    assert "remove cases from" in str(caught.value) and "disk full" in str(caught.value)
-    after = index.keyword_search("pleural effusion", 500), index.query("image", entries(1, seed=9)[0].vectors["image"], 5)
-    assert after == before and len(index) == 299
+    assert searchable(index) == before and len(index) == 299
     assert index.delete([f"case-{i:04d}" for i in range(200)]) == 200
     index.commit()
     index.close()
-    assert len(CaseIndex.open(folder)) == 99
+    assert len(CaseIndex.open(tmp_path / "index")) == 99
 
 
 def test_uncommitted_changes_are_invisible_to_readers_and_dropped_on_close(tmp_path: Path) -> None:
