@@ -164,7 +164,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _os_problem(error: OSError) -> str:
+def _os_problem(error: OSError | sqlite3.OperationalError) -> str:
+    """What is wrong with a folder that could not be written, for "the folder ..." sentences."""
+    if not isinstance(error, OSError):  # sqlite reports a full or failing disk as its own error
+        return f"cannot be written ({error})"
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "is read-only or not writable by this user"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -520,8 +523,7 @@ class CaseIndex:
             self._work_db = sqlite3.connect(db_path, check_same_thread=False)
         except (OSError, sqlite3.OperationalError) as error:
             shutil.rmtree(work, ignore_errors=True)
-            problem = _os_problem(error) if isinstance(error, OSError) else f"cannot be written ({error})"
-            raise CaseIndexError(f"Cannot write to the case index at {self.folder}: the folder {problem}.") from error
+            raise CaseIndexError(f"Cannot write to the case index at {self.folder}: the folder {_os_problem(error)}.") from error
         self._work_dir = work
 
     def _reader(self) -> sqlite3.Connection:
@@ -659,9 +661,10 @@ class CaseIndex:
                     db.executemany("DELETE FROM thumbnails WHERE label = ?", labels)
             except sqlite3.OperationalError as error:
                 raise self._unwritable(error, "remove cases from") from error
-            self._dirty.update({CASES_FILE, KEYWORDS_FILE, *(c for row in found for c in json.loads(row[2]))})
-            for label, case_id, channels in found:
-                for channel in json.loads(channels):
+            removed = [(label, case_id, json.loads(channels)) for label, case_id, channels in found]
+            self._dirty.update({CASES_FILE, KEYWORDS_FILE, *(c for _, _, channels in removed for c in channels)})
+            for label, case_id, channels in removed:
+                for channel in channels:
                     self._vectors[channel].delete(np.asarray([label], dtype=np.int64))
                 if case_id in self._keywords:
                     self._keywords.remove(case_id)
@@ -714,9 +717,8 @@ class CaseIndex:
                 self._write_manifest(manifest)
             except (OSError, sqlite3.OperationalError) as error:
                 self._recover_work_dir(work, final, renamed)
-                problem = _os_problem(error) if isinstance(error, OSError) else f"cannot be written ({error})"
                 raise CaseIndexError(
-                    f"Cannot save the case index at {self.folder}: the folder {problem}; "
+                    f"Cannot save the case index at {self.folder}: the folder {_os_problem(error)}; "
                     "the previous version of the index is intact."
                 ) from error
             except BaseException:
