@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -398,6 +398,22 @@ class CaseDataset(Dataset):
             "labels": labels.clamp(min=0),
             "label_mask": labels >= 0,
         }
+
+    def adopt(self, packed: Mapping[str, Any]) -> int:
+        """Take volumes that are already preprocessed (as ``pack_for_cache`` keeps them), keyed
+        by case id, into the cache; return how many of this dataset's cases were found.
+
+        For a caller that preprocessed the cases itself, e.g. ``medfinder.recipe``, which paints
+        each phantom once and runs both training stages on the same volumes: they are loaded and
+        preprocessed again only if absent.
+        """
+        found = 0
+        for index, record in enumerate(self.records):
+            volume = packed.get(record.case_id)
+            if volume is not None:
+                self._cached[index] = torch.as_tensor(volume)
+                found += 1
+        return found
 
     def preload(self, workers: int = 0) -> None:
         """Fill the in-memory cache, preprocessing in ``workers`` processes."""

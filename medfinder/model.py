@@ -161,7 +161,10 @@ class TextTower(nn.Module):
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
-            self.model = AutoModel.from_pretrained(where, local_files_only=local_only)
+            # fp32 whatever the checkpoint's dtype: transformers 5 keeps a half-precision
+            # checkpoint in half precision, which would make cached features depend on how the
+            # tower was stored (and half-precision matrix products are slow on a CPU).
+            self.model = AutoModel.from_pretrained(where, local_files_only=local_only).float()
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"The text tower {self.name_or_path!r} named in {source} cannot be loaded "

@@ -2363,8 +2363,12 @@ def write_corpus(n: int, seed: int, out: Path, shape: tuple[int, int, int] = DEM
                 rows.append(row)
                 bar.update()
     bar.close()
-    manifest = out / "manifest.csv"
-    tmp = manifest.with_name(".manifest.csv.part")
+    return write_manifest(out / "manifest.csv", rows)
+
+
+def write_manifest(manifest: Path, rows: Sequence[Sequence[str]]) -> Path:
+    """Write ``PhantomCase.manifest_row`` rows under ``manifest_columns()``, replacing ``manifest`` whole."""
+    tmp = manifest.with_name(f".{manifest.name}.part")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(manifest_columns())

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -350,8 +350,13 @@ def train(
     records: Sequence[CaseRecord] | None = None,
     loader: Callable[[Path], Volume] | None = None,
     resume: bool = False,
+    preprocessed: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and return a summary (best validation metrics, steps, wall time, split sizes)."""
+    """Train and return a summary (best validation metrics, steps, wall time, split sizes).
+
+    ``preprocessed``: volumes already run through this model's preprocessing and packed as the
+    cache keeps them (``datasets.pack_for_cache``), keyed by case id; only the others are loaded.
+    """
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,6 +395,9 @@ def train(
     train_set = CaseDataset(train_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
     val_set = CaseDataset(val_records, preprocessor, finding_names, loader=loader, cache=settings.cache)
     if settings.cache:
+        if preprocessed is not None:
+            train_set.adopt(preprocessed)
+            val_set.adopt(preprocessed)
         train_set.preload(settings.workers)
         val_set.preload(settings.workers)
     usable = train_set.usable_indices() if settings.cache else list(range(len(train_set)))

