@@ -246,14 +246,26 @@ def test_the_shipped_demo_model_still_has_the_fingerprint_it_was_saved_with() ->
     assert MedFinder.from_pretrained(DEMO_MODEL_DIR).fingerprint == recorded
 
 
-def test_the_demo_weights_load_into_the_calcium_peak_config() -> None:
-    # `--init assets/model --config medfinder-demo-peak` (README, docs/experiments.md) relies on this.
+def _demo_weights_in(config: str) -> Preprocessor:
+    """The demo weights loaded into another config: the image tower must come over unchanged."""
     from medfinder.demo import DEMO_MODEL_DIR
 
-    model, preprocessor = create_model_and_transforms("medfinder-demo-peak", pretrained=DEMO_MODEL_DIR)
+    model, preprocessor = create_model_and_transforms(config, pretrained=DEMO_MODEL_DIR)
     shipped = MedFinder.from_pretrained(DEMO_MODEL_DIR)
-    assert preprocessor.config.peak_windows == (2,) and preprocessor.config.windows[2] == (150.0, 1000.0)
     assert all(torch.equal(v, shipped.image.state_dict()[k]) for k, v in model.image.state_dict().items())
+    return preprocessor
+
+
+def test_the_demo_weights_load_into_the_calcium_peak_config() -> None:
+    # `--init assets/model --config medfinder-demo-peak` (README, docs/experiments.md) relies on this.
+    preprocessor = _demo_weights_in("medfinder-demo-peak")
+    assert preprocessor.config.peak_windows == (2,) and preprocessor.config.windows[2] == (150.0, 1000.0)
+
+
+def test_the_demo_weights_load_into_the_finer_grid_config() -> None:
+    # `python -m medfinder.recipe --init assets/model --candidate medfinder-demo-fine` relies on this.
+    preprocessor = _demo_weights_in("medfinder-demo-fine")
+    assert preprocessor.config.spacing == (3.2, 3.2, 4.0) and preprocessor.config.shape == (100, 100, 80)
 
 
 def test_a_half_precision_text_tower_runs_in_fp32(tmp_path: Path) -> None:

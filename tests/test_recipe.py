@@ -13,7 +13,7 @@ import torch
 import medfinder.recipe as recipe
 from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, unpack_from_cache
 from medfinder.errors import MedFinderError
-from medfinder.model import MedFinder, create_model_and_transforms
+from medfinder.model import MedFinder
 from medfinder.phantoms import PHANTOM_FINDINGS, generate_case
 
 
@@ -120,11 +120,3 @@ def test_a_missing_init_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: The --init model folder {tmp_path / 'absent'} does not exist."
 
-
-def test_the_demo_weights_load_into_the_finer_grid_config() -> None:
-    from medfinder.demo import DEMO_MODEL_DIR
-
-    model, preprocessor = create_model_and_transforms("medfinder-demo-fine", pretrained=DEMO_MODEL_DIR)
-    shipped = MedFinder.from_pretrained(DEMO_MODEL_DIR)
-    assert preprocessor.config.spacing == (3.2, 3.2, 4.0) and preprocessor.config.shape == (100, 100, 80)
-    assert all(torch.equal(v, shipped.image.state_dict()[k]) for k, v in model.image.state_dict().items())
