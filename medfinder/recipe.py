@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 from argparse import Namespace
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli_support import CliParser, run_guarded
+from .cli_support import CliParser, os_error_sentence, run_guarded
 from .datasets import CaseRecord, pack_for_cache, read_manifest
 from .errors import MedFinderError
 from .model import create_model_and_transforms
@@ -56,9 +57,13 @@ def phantom_path(seed: int, index: int) -> Path:
 def phantom_volume(path: Path) -> Volume:
     """The volume a ``phantom_path`` stands for, painted again (a loader for ``medfinder.train``)."""
     parts = Path(path).name.split(":")  # read_manifest puts the manifest's folder in front
-    if len(parts) != 3 or parts[0] != PHANTOM_SCHEME or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise MedFinderError(f"{path} is not a phantom path ({PHANTOM_SCHEME}:SEED:INDEX).")
-    return generate_case(int(parts[1]), int(parts[2])).volume
+    try:
+        if len(parts) != 3 or parts[0] != PHANTOM_SCHEME:
+            raise ValueError
+        seed, index = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise MedFinderError(f"{path} is not a phantom path ({PHANTOM_SCHEME}:SEED:INDEX).") from None
+    return generate_case(seed, index).volume
 
 
 # Each worker process builds the candidates' preprocessors once, not once per phantom.
@@ -87,13 +92,19 @@ def paint_corpus(n: int, seed: int, preprocess: dict[str, dict[str, Any]], worke
     rows: list[list[str]] = []
     volumes: dict[str, dict[str, np.ndarray]] = {name: {} for name in preprocess}
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_init_worker,
-                             initargs=(preprocess,)) as pool:
-        tasks = [(seed, i) for i in range(n)]
-        for row, packed in tqdm(pool.map(_paint, tasks, chunksize=4), total=n, desc="phantoms", unit="case"):
-            rows.append(row)
-            for name, volume in packed.items():
-                volumes[name][row[0]] = volume
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(preprocess,)) as pool:
+            tasks = [(seed, i) for i in range(n)]
+            for row, packed in tqdm(pool.map(_paint, tasks, chunksize=4), total=n, desc="phantoms", unit="case"):
+                rows.append(row)
+                for name, volume in packed.items():
+                    volumes[name][row[0]] = volume
+    except BrokenProcessPool:
+        raise MedFinderError(
+            f"A process painting phantoms died after {len(rows)} of {n} (out of memory? every painted "
+            "volume is kept in memory for each candidate); try a smaller --n or fewer --workers."
+        ) from None
     return rows, volumes
 
 
@@ -122,17 +133,22 @@ def run_candidate(config: str, name: str, records: list[CaseRecord], volumes: di
     started = time.perf_counter()
     first = train(stage1, records=records, loader=phantom_volume, preprocessed=volumes)
     second = train(stage2, records=records, loader=phantom_volume, preprocessed=volumes)
-    summary = {"candidate": name, "config": config, "stage1": first, "stage2": second,
+    summary = {"candidate": name, "config": config, "process": os.getpid(), "stage1": first, "stage2": second,
                "wall_s": round(time.perf_counter() - started, 1)}
     (out / name / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
 def _candidate_process(config: str, name: str, records: list[CaseRecord], volumes: dict[str, np.ndarray],
-                       out: Path, init: str, args: Namespace, threads: int) -> None:
+                       out: Path, init: str, args: Namespace, threads: int, failures: Any) -> None:
     torch.set_num_threads(threads)  # the candidates share the cores for unpacking and collating batches
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {name}: %(message)s", force=True)
-    run_candidate(config, name, records, volumes, out, init, args)
+    try:
+        run_candidate(config, name, records, volumes, out, init, args)
+    except (MedFinderError, OSError) as exc:
+        # The parent reports it as its one sentence; a traceback here would break that contract.
+        failures.put((name, str(exc) if isinstance(exc, MedFinderError) else os_error_sentence(exc)))
+        sys.exit(1)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Namespace:
@@ -148,7 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     p.add_argument("--stage1-lr", type=float, default=1e-3)
     p.add_argument("--stage2-epochs", type=int, default=60)
     p.add_argument("--device", default="auto")
-    p.add_argument("--parallel", action="store_true", help="train the candidates side by side, one process each")
+    p.add_argument("--parallel", action="store_true",
+                   help="train the candidates side by side, one process each (a single candidate trains in this one)")
     args = p.parse_args(argv)
     if args.n < 10 or args.workers < 1 or args.stage1_epochs < 1 or args.stage2_epochs < 1:
         p.error("--n must be at least 10, and --workers and the epochs at least 1")
@@ -164,12 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         candidates = args.candidate or [init]
         if not Path(init).is_dir():
             raise MedFinderError(f"The --init model folder {init} does not exist.")
-        # Each candidate's output folder is named after its config ("my-config.json" -> "my-config").
-        names = {c: Path(c).stem if c.endswith(".json") else Path(c).name for c in candidates}
+        # Each candidate's output folder is named after its config ("my-config.json" -> "my-config",
+        # a model folder by its own name).
+        names = {c: Path(c).resolve().stem if c.endswith(".json") else Path(c).resolve().name for c in candidates}
         if len(set(names.values())) != len(candidates):
             raise MedFinderError(
-                "Each --candidate may be named only once (a config file counts by its name without .json)."
+                "Two candidates would write to the same output folder (a config is named by its file or "
+                "folder name, without .json); give each candidate a config with its own name."
             )
+        if args.parallel and len(candidates) > 1 and "fork" not in mp.get_all_start_methods():
+            raise MedFinderError("--parallel needs processes started by fork, which this system lacks; leave it out.")
         # Build every candidate from --init before painting anything: a typo or weights that do
         # not fit a config should cost seconds, not the painting.
         preprocess = {c: create_model_and_transforms(c, pretrained=init)[1].config.to_dict() for c in candidates}
@@ -190,19 +211,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             # shares the painted volumes copy-on-write.
             ctx = mp.get_context("fork")
             threads = max(1, (os.cpu_count() or 1) // len(candidates))
+            failures = ctx.SimpleQueue()
             procs = [ctx.Process(target=_candidate_process,
-                                 args=(c, names[c], records, volumes[c], out, init, args, threads))
+                                 args=(c, names[c], records, volumes[c], out, init, args, threads, failures))
                      for c in candidates]
             for proc in procs:
                 proc.start()
             for proc in procs:
                 proc.join()
+            reasons = {}
+            while not failures.empty():
+                name, reason = failures.get()
+                reasons[name] = reason.rstrip(".")
             failed = [names[c] for c, proc in zip(candidates, procs) if proc.exitcode != 0]
             if failed:
-                raise MedFinderError(f"Training failed for candidate(s) {', '.join(failed)}; see the log above.")
+                unknown = "its process ended with an error (see the log above)"
+                raise MedFinderError("; ".join(f"Training candidate {name} failed: {reasons.get(name, unknown)}"
+                                               for name in failed) + ".")
         else:
             for c in candidates:
-                run_candidate(c, names[c], records, volumes[c], out, init, args)
+                run_candidate(c, names[c], records, volumes.pop(c), out, init, args)  # pop: free it once trained
         summary = {"n": args.n, "seed": args.seed, "init": init, "candidates": [names[c] for c in candidates],
                    "paint_s": painted_s, "wall_s": round(time.perf_counter() - started, 1),
                    "command": "python -m medfinder.recipe " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 import medfinder.recipe as recipe
 from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, unpack_from_cache
 from medfinder.errors import MedFinderError
-from medfinder.model import MedFinder
+from medfinder.model import MedFinder, load_config
 from medfinder.phantoms import PHANTOM_FINDINGS, generate_case
 
 
@@ -26,8 +28,9 @@ def test_a_phantom_path_paints_the_same_case_again() -> None:
     np.testing.assert_array_equal(recipe.phantom_volume(Path("/corpus") / str(path)).hu, expected)
     with pytest.raises(MedFinderError, match="not a phantom path"):
         recipe.phantom_volume(Path("scan:7:3"))
-    with pytest.raises(MedFinderError, match="not a phantom path"):
-        recipe.phantom_volume(Path("phantom:7"))
+    for bad in ("phantom:7", "phantom:seven:3"):
+        with pytest.raises(MedFinderError, match="not a phantom path"):
+            recipe.phantom_volume(Path(bad))
 
 
 def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
@@ -48,33 +51,46 @@ def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
     assert torch.equal(dataset[0]["image"], unpack_from_cache(packed))
 
 
-def _tiny_variant(path: Path) -> Path:
-    """medfinder-tiny's architecture on another grid: the tiny weights fit it."""
+@pytest.fixture(scope="module")
+def two_tiny_candidates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Any]:
+    """medfinder-tiny and the same architecture on another grid (the tiny weights fit both), with
+    ten phantoms of seed 3 painted once for both: the tests below hand this painting to the recipe."""
     config = json.loads((Path(recipe.__file__).parent / "configs" / "medfinder-tiny.json").read_text())
     config["name"] = "tiny-coarse"
     config["preprocess"]["spacing"] = [10.0, 10.0, 10.0]
-    path.write_text(json.dumps(config))
-    return path
+    variant = tmp_path_factory.mktemp("configs") / "tiny-coarse.json"
+    variant.write_text(json.dumps(config))
+    candidates = ["medfinder-tiny", str(variant)]
+    preprocess = {c: dict(load_config(c)["preprocess"]) for c in candidates}
+    return candidates, recipe.paint_corpus(10, 3, preprocess, workers=2)
 
 
-def test_two_candidates_train_side_by_side_on_phantoms_painted_once(tiny_model_dir: Path, tmp_path: Path,
+def _cycle_args(candidates: list[str], init: Path, out: Path) -> list[str]:
+    return ["--n", "10", "--seed", "3", "--init", str(init), "--out", str(out), "--workers", "2",
+            "--stage1-epochs", "1", "--stage2-epochs", "2", "--device", "cpu", "--parallel",
+            *[arg for c in candidates for arg in ("--candidate", c)]]
+
+
+def test_two_candidates_train_side_by_side_on_phantoms_painted_once(two_tiny_candidates: tuple[list[str], Any],
+                                                                    tiny_model_dir: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates, painted = two_tiny_candidates
+    monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: painted)
     # A volume painted again would reach the preprocessor as None and its case would be skipped.
     monkeypatch.setattr(recipe, "phantom_volume", lambda path: None)
-    variant = _tiny_variant(tmp_path / "tiny-coarse.json")
     out = tmp_path / "cycle"
-    assert recipe.main(["--n", "10", "--seed", "3", "--init", str(tiny_model_dir), "--out", str(out),
-                        "--candidate", "medfinder-tiny", "--candidate", str(variant), "--workers", "2",
-                        "--stage1-epochs", "1", "--stage2-epochs", "2", "--device", "cpu", "--parallel"]) == 0
+    assert recipe.main(_cycle_args(candidates, tiny_model_dir, out)) == 0
 
     with (out / "manifest.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["image"] for r in rows] == [f"phantom:3:{i}" for i in range(10)]
     assert set(PHANTOM_FINDINGS) <= set(rows[0])
     initial = MedFinder.from_pretrained(tiny_model_dir).image.state_dict()
+    processes = set()
     for name, spacing in (("medfinder-tiny", (8.0, 8.0, 8.0)), ("tiny-coarse", (10.0, 10.0, 10.0))):
         summary = json.loads((out / name / "recipe.json").read_text())
         assert summary["stage1"]["skipped"] == {} and summary["stage2"]["skipped"] == {}
+        processes.add(summary["process"])
         stage1 = MedFinder.from_pretrained(out / name / "stage1")
         stage2 = MedFinder.from_pretrained(out / name / "stage2")
         assert stage2.preprocess_config.spacing == spacing  # each candidate keeps its own grid
@@ -82,16 +98,41 @@ def test_two_candidates_train_side_by_side_on_phantoms_painted_once(tiny_model_d
         assert all(torch.equal(stage1.image.state_dict()[k], v) for k, v in stage2.image.state_dict().items())
         stage2_settings = summary["stage2"]["settings"]
         assert stage2_settings["lock_image"] and stage2_settings["init"] == str(out / name / "stage1")
+    assert len(processes) == 2 and os.getpid() not in processes  # side by side: one process each
     assert json.loads((out / "recipe.json").read_text())["candidates"] == ["medfinder-tiny", "tiny-coarse"]
+
+
+def test_a_candidate_that_fails_in_its_process_is_one_sentence(two_tiny_candidates: tuple[list[str], Any],
+                                                               tiny_model_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates, painted = two_tiny_candidates
+    monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: painted)
+    trains = recipe.run_candidate
+
+    def run_candidate(config: str, name: str, *rest: Any) -> Any:
+        if name == "tiny-coarse":
+            raise MedFinderError("The manifest x has fewer than 2 usable training cases.")
+        return trains(config, name, *rest)
+
+    monkeypatch.setattr(recipe, "run_candidate", run_candidate)  # forked children inherit the patch
+    out = tmp_path / "cycle"
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(_cycle_args(candidates, tiny_model_dir, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == ("error: Training candidate tiny-coarse failed: "
+                       "The manifest x has fewer than 2 usable training cases.")
+    assert (out / "medfinder-tiny" / "stage2" / "model.safetensors").is_file()  # the other one finished
 
 
 @pytest.mark.parametrize("args, sentence", [
     (["--n", "5"], "--n must be at least 10"),
     (["--candidate", "no-such-config"], "Model config 'no-such-config' is neither a bundled config"),
     (["--candidate", "medfinder-demo"], "comes from another architecture than model config 'medfinder-demo'"),
-    (["--candidate", "medfinder-tiny", "--candidate", "medfinder-tiny"], "Each --candidate may be named only once"),
+    (["--candidate", "medfinder-tiny", "--candidate", "medfinder-tiny"], "Two candidates would write to the same"),
     (["--candidate", "medfinder-tiny", "--candidate", "elsewhere/medfinder-tiny.json"],
-     "Each --candidate may be named only once"),
+     "Two candidates would write to the same output folder"),
 ], ids=["too-few", "unknown-config", "weights-do-not-fit", "repeated", "same-folder-name"])
 def test_bad_arguments_are_one_sentence_before_any_painting(args: list[str], sentence: str, tiny_model_dir: Path,
                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str],
