@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -33,6 +34,7 @@ from argparse import Namespace
 from typing import Any, Sequence
 
 import numpy as np
+import psutil
 import torch
 
 from .cli_support import CliParser, os_error_sentence, run_guarded
@@ -106,6 +108,12 @@ def paint_corpus(n: int, seed: int, preprocess: dict[str, dict[str, Any]], worke
             "volume is kept in memory for each candidate); try a smaller --n or fewer --workers."
         ) from None
     return rows, volumes
+
+
+def painted_bytes(n: int, preprocess: dict[str, dict[str, Any]]) -> int:
+    """Memory the painted volumes take until training ends: one byte per voxel and channel
+    (``pack_for_cache``) for each phantom and candidate preprocessing."""
+    return n * sum(PreprocessConfig.from_dict(cfg).in_channels * math.prod(cfg["shape"]) for cfg in preprocess.values())
 
 
 def stage_settings(out: Path, config: str, name: str, init: str,
@@ -194,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Build every candidate from --init before painting anything: a typo or weights that do
         # not fit a config should cost seconds, not the painting.
         preprocess = {c: create_model_and_transforms(c, pretrained=init)[1].config.to_dict() for c in candidates}
+        need, available = painted_bytes(args.n, preprocess), psutil.virtual_memory().available
+        if need > 0.9 * available:  # the training stages need room beside the volumes
+            raise MedFinderError(
+                f"{args.n} phantoms would keep {need / 2**30:.1f} GiB of preprocessed volumes in memory, more than "
+                f"90 % of the {available / 2**30:.1f} GiB available; use a smaller --n or fewer candidates."
+            )
         out: Path = args.out
         if out.is_dir() and any(out.iterdir()):
             # train() appends to the logs it finds and each stage keeps the best epoch it sees, so

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,21 @@ def test_bad_arguments_are_one_sentence_before_any_painting(args: list[str], sen
         recipe.main(base + args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and sentence in err[0] and err[0].startswith("error: ")
+
+
+def test_a_corpus_larger_than_memory_is_refused_before_painting(tiny_model_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = dict(load_config("medfinder-tiny")["preprocess"])
+    assert recipe.painted_bytes(10, {"a": tiny, "b": tiny}) == 10 * 2 * 2 * 16 ** 3  # two windows of 16^3 each
+    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**30))
+    monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: pytest.fail("painted beyond the memory"))
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--n", "200000", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: 200000 phantoms would keep 1.5 GiB of preprocessed volumes in memory, more than 90 % of the "
+        "1.0 GiB available; use a smaller --n or fewer candidates.")
 
 
 def test_a_folder_that_holds_an_earlier_cycle_is_refused(tiny_model_dir: Path, tmp_path: Path,
