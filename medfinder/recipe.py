@@ -1,7 +1,7 @@
 """The demo weights' training cycle in one command: fresh phantoms, then both stages per candidate.
 
 ``python -m medfinder.recipe --n N --seed S --init MODEL_DIR --out DIR [--candidate CONFIG ...]
-[--workers W] [--stage1-epochs E] [--stage2-epochs E]``
+[--workers W] [--stage1-epochs E] [--stage2-epochs E] [--parallel]``
 
 Each phantom is painted once, in ``W`` processes, and run through every candidate's preprocessing
 while its volume is still in memory: nothing is written to disk and no volume is read back, so
@@ -28,9 +28,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from argparse import Namespace
 from dataclasses import replace
 from pathlib import Path
-from argparse import Namespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -159,6 +159,33 @@ def _candidate_process(config: str, name: str, records: list[CaseRecord], volume
         sys.exit(1)
 
 
+def _train_side_by_side(names: dict[str, str], records: list[CaseRecord], volumes: dict[str, dict[str, np.ndarray]],
+                        out: Path, init: str, args: Namespace) -> None:
+    """One forked process per candidate config (``names``: config -> output folder name); a failure
+    in any of them becomes one sentence naming the candidate and its reason."""
+    # Forked before this process touches CUDA, so each child starts its own context and shares
+    # the painted volumes copy-on-write.
+    ctx = mp.get_context("fork")
+    threads = max(1, (os.cpu_count() or 1) // len(names))
+    failures = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_candidate_process,
+                         args=(c, name, records, volumes[c], out, init, args, threads, failures))
+             for c, name in names.items()]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    reasons = {}
+    while not failures.empty():
+        name, reason = failures.get()
+        reasons[name] = reason.rstrip(".")
+    failed = [name for name, proc in zip(names.values(), procs) if proc.exitcode != 0]
+    if failed:
+        unknown = "its process ended with an error (see the log above)"
+        raise MedFinderError("; ".join(f"Training candidate {name} failed: {reasons.get(name, unknown)}"
+                                       for name in failed) + ".")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     p = CliParser(prog="python -m medfinder.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, required=True, help="phantoms to paint (80/10/10 split by case id)")
@@ -221,27 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("Painted %d phantoms in %.1f s.", len(rows), painted_s)
         records = read_manifest(manifest)
         if args.parallel and len(candidates) > 1:
-            # Forked before this process touches CUDA, so each child starts its own context and
-            # shares the painted volumes copy-on-write.
-            ctx = mp.get_context("fork")
-            threads = max(1, (os.cpu_count() or 1) // len(candidates))
-            failures = ctx.SimpleQueue()
-            procs = [ctx.Process(target=_candidate_process,
-                                 args=(c, names[c], records, volumes[c], out, init, args, threads, failures))
-                     for c in candidates]
-            for proc in procs:
-                proc.start()
-            for proc in procs:
-                proc.join()
-            reasons = {}
-            while not failures.empty():
-                name, reason = failures.get()
-                reasons[name] = reason.rstrip(".")
-            failed = [names[c] for c, proc in zip(candidates, procs) if proc.exitcode != 0]
-            if failed:
-                unknown = "its process ended with an error (see the log above)"
-                raise MedFinderError("; ".join(f"Training candidate {name} failed: {reasons.get(name, unknown)}"
-                                               for name in failed) + ".")
+            _train_side_by_side(names, records, volumes, out, init, args)
         else:
             for c in candidates:
                 run_candidate(c, names[c], records, volumes.pop(c), out, init, args)  # pop: free it once trained
