@@ -1929,7 +1929,7 @@ def generate_case(seed: int, index: int, shape: tuple[int, int, int] = DEMO_SHAP
     labels = {name: 0 for name in PHANTOM_FINDINGS}
     for f in findings:
         labels[f.name] = 1
-    case_id = f"phantom-{seed}-{index:05d}"
+    case_id = phantom_case_id(seed, index)
     report = write_report(findings, sex=sex, age=age, contrast=contrast, slice_mm=spacing[2],
                           conditions=plan.conditions, rng=r_text, ctr=ctr)
     volume = Volume(hu=hu, spacing=tuple(float(v) for v in spacing), affine=grid.affine.copy(),
@@ -2298,6 +2298,46 @@ def write_report(findings: Sequence[PhantomFinding], *, sex: str, age: int, cont
 # ==========================================================================================
 # A corpus on disk: NIfTI volumes and a manifest, written in parallel
 # ==========================================================================================
+#: The image column of a manifest whose phantoms were not written to disk (``medfinder.recipe``):
+#: ``phantom:SEED:INDEX``, painted again when it is loaded (``phantom_volume``).
+PHANTOM_SCHEME = "phantom"
+
+
+def phantom_case_id(seed: int, index: int) -> str:
+    """Case ``index`` of corpus ``seed``'s id; it also decides the case's split (``split_of``)."""
+    return f"phantom-{seed}-{index:05d}"
+
+
+def phantom_path(seed: int, index: int) -> Path:
+    """The stand-in image path of phantom ``index`` of corpus ``seed`` (see ``phantom_volume``)."""
+    return Path(f"{PHANTOM_SCHEME}:{seed}:{index}")
+
+
+def _phantom_address(path: str | Path) -> tuple[int, int] | None:
+    # read_manifest puts the manifest's folder in front, so only the last part counts
+    parts = Path(path).name.split(":")
+    if len(parts) != 3 or parts[0] != PHANTOM_SCHEME:
+        return None
+    try:
+        seed, index = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    return (seed, index) if index >= 0 else None
+
+
+def is_phantom_path(path: str | Path) -> bool:
+    """Whether ``path`` names a phantom (``phantom:SEED:INDEX``, possibly behind a folder)."""
+    return _phantom_address(path) is not None
+
+
+def phantom_volume(path: str | Path) -> Volume:
+    """The volume a ``phantom_path`` stands for, painted again: the same case, voxel for voxel."""
+    address = _phantom_address(path)
+    if address is None:
+        raise PhantomError(f"{path} is not a phantom path ({PHANTOM_SCHEME}:SEED:INDEX).")
+    return generate_case(*address).volume
+
+
 def manifest_columns() -> list[str]:
     return [*MANIFEST_HEAD, *PHANTOM_FINDINGS, *MANIFEST_TAIL]
 

@@ -11,8 +11,10 @@ joint space learnt on cached features) run on those volumes, both through ``medf
 starting from ``--init``'s weights in the candidate's preprocessing. On a GPU several candidates
 train side by side (``--parallel``), one process each.
 
-``DIR/manifest.csv`` records the corpus (reports and labels; the image column names the
-phantom as ``phantom:SEED:INDEX``, which ``phantom_volume`` regenerates), and
+Training never looks at the test split, so the phantoms of ``0..N-1`` that fall in it (about
+10 %, decided by case id) are not painted. ``DIR/manifest.csv`` records the painted corpus
+(reports and labels; the image column names each phantom as ``phantom:SEED:INDEX``, which
+``medfinder.train`` and ``medfinder.evaluate`` paint again when they read it), and
 ``DIR/<candidate>/stage1`` and ``DIR/<candidate>/stage2`` are model folders with their
 ``training.json``; the stage-2 folder is the candidate to evaluate.
 """
@@ -38,35 +40,14 @@ import psutil
 import torch
 
 from .cli_support import CliParser, os_error_sentence, run_guarded
-from .datasets import CaseRecord, pack_for_cache, read_manifest
+from .datasets import CaseRecord, pack_for_cache, read_manifest, split_of
 from .errors import MedFinderError
 from .model import create_model_and_transforms
-from .phantoms import generate_case, write_manifest
+from .phantoms import generate_case, phantom_case_id, phantom_path, write_manifest
 from .preprocess import PreprocessConfig, Preprocessor
 from .train import TrainSettings, train
-from .volume import Volume
 
 log = logging.getLogger("medfinder.recipe")
-
-PHANTOM_SCHEME = "phantom"
-
-
-def phantom_path(seed: int, index: int) -> Path:
-    """The stand-in image path of phantom ``index`` of corpus ``seed`` (see ``phantom_volume``)."""
-    return Path(f"{PHANTOM_SCHEME}:{seed}:{index}")
-
-
-def phantom_volume(path: Path) -> Volume:
-    """The volume a ``phantom_path`` stands for, painted again (a loader for ``medfinder.train``)."""
-    parts = Path(path).name.split(":")  # read_manifest puts the manifest's folder in front
-    try:
-        if len(parts) != 3 or parts[0] != PHANTOM_SCHEME:
-            raise ValueError
-        seed, index = int(parts[1]), int(parts[2])
-    except ValueError:
-        raise MedFinderError(f"{path} is not a phantom path ({PHANTOM_SCHEME}:SEED:INDEX).") from None
-    return generate_case(seed, index).volume
-
 
 # Each worker process builds the candidates' preprocessors once, not once per phantom.
 _PREPROCESSORS: dict[str, Preprocessor] = {}
@@ -85,19 +66,25 @@ def _paint(task: tuple[int, int]) -> tuple[list[str], dict[str, np.ndarray]]:
     return case.manifest_row(str(phantom_path(seed, index))), packed
 
 
-def paint_corpus(n: int, seed: int, preprocess: dict[str, dict[str, Any]], workers: int,
+def training_indices(n: int, seed: int) -> list[int]:
+    """Phantoms ``0..n-1`` of corpus ``seed`` outside the test split: the ones training can use."""
+    return [i for i in range(n) if split_of(phantom_case_id(seed, i)) != "test"]
+
+
+def paint_corpus(seed: int, indices: Sequence[int], preprocess: dict[str, dict[str, Any]], workers: int,
                  ) -> tuple[list[list[str]], dict[str, dict[str, np.ndarray]]]:
-    """Manifest rows of phantoms 0..n-1 of corpus ``seed`` and, per preprocessing name, their
+    """Manifest rows of phantoms ``indices`` of corpus ``seed`` and, per preprocessing name, their
     packed volumes by case id."""
     from tqdm.auto import tqdm
 
     rows: list[list[str]] = []
     volumes: dict[str, dict[str, np.ndarray]] = {name: {} for name in preprocess}
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    n = len(indices)
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(preprocess,)) as pool:
-            tasks = [(seed, i) for i in range(n)]
+            tasks = [(seed, i) for i in indices]
             for row, packed in tqdm(pool.map(_paint, tasks, chunksize=4), total=n, desc="phantoms", unit="case"):
                 rows.append(row)
                 for name, volume in packed.items():
@@ -139,8 +126,8 @@ def run_candidate(config: str, name: str, records: list[CaseRecord], volumes: di
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     stage1, stage2 = stage_settings(out, config, name, init, args)
     started = time.perf_counter()
-    first = train(stage1, records=records, loader=phantom_volume, preprocessed=volumes)
-    second = train(stage2, records=records, loader=phantom_volume, preprocessed=volumes)
+    first = train(stage1, records=records, preprocessed=volumes)
+    second = train(stage2, records=records, preprocessed=volumes)
     summary = {"candidate": name, "config": config, "process": os.getpid(), "stage1": first, "stage2": second,
                "wall_s": round(time.perf_counter() - started, 1)}
     (out / name / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -188,7 +175,7 @@ def _train_side_by_side(names: dict[str, str], records: list[CaseRecord], volume
 
 def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     p = CliParser(prog="python -m medfinder.recipe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, required=True, help="phantoms to paint (80/10/10 split by case id)")
+    p.add_argument("--n", type=int, required=True, help="phantoms 0..N-1 of the corpus; the ~10%% in the test split (by case id) are not painted")
     p.add_argument("--seed", type=int, required=True, help="phantom corpus seed (keep it apart from evaluation seeds)")
     p.add_argument("--init", required=True, help="model folder whose weights both stages start from")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -229,10 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Build every candidate from --init before painting anything: a typo or weights that do
         # not fit a config should cost seconds, not the painting.
         preprocess = {c: create_model_and_transforms(c, pretrained=init)[1].config.to_dict() for c in candidates}
-        need, available = painted_bytes(args.n, preprocess), psutil.virtual_memory().available
+        indices = training_indices(args.n, args.seed)
+        need, available = painted_bytes(len(indices), preprocess), psutil.virtual_memory().available
         if need > 0.9 * available:  # the training stages need room beside the volumes
             raise MedFinderError(
-                f"{args.n} phantoms would keep {need / 2**30:.1f} GiB of preprocessed volumes in memory, more than "
+                f"{len(indices)} phantoms would keep {need / 2**30:.1f} GiB of preprocessed volumes in memory, more than "
                 f"90 % of the {available / 2**30:.1f} GiB available; use a smaller --n or fewer candidates."
             )
         out: Path = args.out
@@ -242,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MedFinderError(f"The output folder {out} is not empty; give each cycle a new folder.")
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        rows, volumes = paint_corpus(args.n, args.seed, preprocess, args.workers)
+        rows, volumes = paint_corpus(args.seed, indices, preprocess, args.workers)
         manifest = write_manifest(out / "manifest.csv", rows)
         painted_s = round(time.perf_counter() - started, 1)
         log.info("Painted %d phantoms in %.1f s.", len(rows), painted_s)
@@ -252,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for c in candidates:
                 run_candidate(c, names[c], records, volumes.pop(c), out, init, args)  # pop: free it once trained
-        summary = {"n": args.n, "seed": args.seed, "init": init, "candidates": [names[c] for c in candidates],
+        summary = {"n": args.n, "painted": len(rows), "seed": args.seed, "init": init, "candidates": [names[c] for c in candidates],
                    "paint_s": painted_s, "wall_s": round(time.perf_counter() - started, 1),
                    "command": "python -m medfinder.recipe " + " ".join(sys.argv[1:] if argv is None else argv)}
         (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -116,6 +116,21 @@ def test_cli_prints_json_metrics_for_a_saved_model(tmp_path: Path, capsys: pytes
     assert "@10" in result["image_to_image_label_overlap"]
 
 
+def test_cli_reads_a_manifest_whose_phantoms_were_never_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipe's manifest names its phantoms phantom:SEED:INDEX; evaluate (and train, through the
+    same dataset loader) paints them again instead of skipping them as missing files."""
+    from medfinder.model import create_model_and_transforms
+    from medfinder.phantoms import generate_case, phantom_path, write_manifest
+
+    rows = [generate_case(5, i).manifest_row(str(phantom_path(5, i))) for i in range(3)]
+    manifest = write_manifest(tmp_path / "manifest.csv", rows)
+    model, _ = create_model_and_transforms("medfinder-tiny")
+    model.save_pretrained(tmp_path / "model")
+    assert main(["--model", str(tmp_path / "model"), "--manifest", str(manifest), "--split", "all", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cases"] == 3 and result["skipped"] == {}
+
+
 def test_cli_error_is_one_sentence_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from test_datasets import write_tiny_corpus
 

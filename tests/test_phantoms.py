@@ -312,3 +312,16 @@ def test_cli_rejects_bad_arguments_with_one_sentence(capsys: pytest.CaptureFixtu
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(file) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: ")
+
+
+def test_a_phantom_path_paints_the_same_case_again() -> None:
+    path = P.phantom_path(7, 3)
+    assert str(path) == "phantom:7:3" and P.is_phantom_path(path)
+    expected = P.generate_case(7, 3).volume.hu
+    np.testing.assert_array_equal(P.phantom_volume(path).hu, expected)
+    # as read_manifest gives it back, behind the manifest's folder
+    np.testing.assert_array_equal(P.phantom_volume(Path("/corpus") / str(path)).hu, expected)
+    for bad in ("scan:7:3", "phantom:7", "phantom:seven:3", "phantom:7:-3", "phantom:7:3:1"):
+        assert not P.is_phantom_path(bad)
+        with pytest.raises(P.PhantomError, match="not a phantom path"):
+            P.phantom_volume(Path(bad))

@@ -17,21 +17,9 @@ import medfinder.recipe as recipe
 from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, unpack_from_cache
 from medfinder.errors import MedFinderError
 from medfinder.model import MedFinder, load_config
-from medfinder.phantoms import PHANTOM_FINDINGS, generate_case
-
-
-def test_a_phantom_path_paints_the_same_case_again() -> None:
-    path = recipe.phantom_path(7, 3)
-    assert str(path) == "phantom:7:3"
-    expected = generate_case(7, 3).volume.hu
-    np.testing.assert_array_equal(recipe.phantom_volume(path).hu, expected)
-    # as read_manifest gives it back, behind the manifest's folder
-    np.testing.assert_array_equal(recipe.phantom_volume(Path("/corpus") / str(path)).hu, expected)
-    with pytest.raises(MedFinderError, match="not a phantom path"):
-        recipe.phantom_volume(Path("scan:7:3"))
-    for bad in ("phantom:7", "phantom:seven:3"):
-        with pytest.raises(MedFinderError, match="not a phantom path"):
-            recipe.phantom_volume(Path(bad))
+from medfinder import phantoms
+from medfinder.datasets import split_of
+from medfinder.phantoms import PHANTOM_FINDINGS, generate_case, phantom_path
 
 
 def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
@@ -41,21 +29,22 @@ def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
 
     def loader(path: Path):
         loaded.append(path)
-        return recipe.phantom_volume(path)
+        return phantoms.phantom_volume(path)
 
-    records = [CaseRecord(f"c{i}", recipe.phantom_path(11, i), "Normal chest.") for i in range(2)]
+    records = [CaseRecord(f"c{i}", phantom_path(11, i), "Normal chest.") for i in range(2)]
     packed = pack_for_cache(preprocessor(generate_case(11, 0).volume))
     dataset = CaseDataset(records, preprocessor, loader=loader, cache=True)
     assert dataset.adopt({"c0": packed.numpy(), "elsewhere": packed}) == 1
     dataset.preload()
-    assert loaded == [recipe.phantom_path(11, 1)]  # only the case that was not handed over
+    assert loaded == [phantom_path(11, 1)]  # only the case that was not handed over
     assert torch.equal(dataset[0]["image"], unpack_from_cache(packed))
 
 
 @pytest.fixture(scope="module")
 def two_tiny_candidates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Any]:
     """medfinder-tiny and the same architecture on another grid (the tiny weights fit both), with
-    ten phantoms of seed 3 painted once for both: the tests below hand this painting to the recipe."""
+    the training phantoms among the first ten of seed 3 painted once for both: the tests below hand
+    this painting to the recipe."""
     config = json.loads((Path(recipe.__file__).parent / "configs" / "medfinder-tiny.json").read_text())
     config["name"] = "tiny-coarse"
     config["preprocess"]["spacing"] = [10.0, 10.0, 10.0]
@@ -63,7 +52,7 @@ def two_tiny_candidates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[
     variant.write_text(json.dumps(config))
     candidates = ["medfinder-tiny", str(variant)]
     preprocess = {c: dict(load_config(c)["preprocess"]) for c in candidates}
-    return candidates, recipe.paint_corpus(10, 3, preprocess, workers=2)
+    return candidates, recipe.paint_corpus(3, recipe.training_indices(10, 3), preprocess, workers=2)
 
 
 def _cycle_args(candidates: list[str], init: Path, out: Path) -> list[str]:
@@ -78,13 +67,15 @@ def test_two_candidates_train_side_by_side_on_phantoms_painted_once(two_tiny_can
     candidates, painted = two_tiny_candidates
     monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: painted)
     # A volume painted again would reach the preprocessor as None and its case would be skipped.
-    monkeypatch.setattr(recipe, "phantom_volume", lambda path: None)
+    monkeypatch.setattr(phantoms, "phantom_volume", lambda path: None)
     out = tmp_path / "cycle"
     assert recipe.main(_cycle_args(candidates, tiny_model_dir, out)) == 0
 
     with (out / "manifest.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["image"] for r in rows] == [f"phantom:3:{i}" for i in range(10)]
+    # the test split is not painted: of seed 3's first ten, case 1 is a test case
+    assert [r["image"] for r in rows] == [f"phantom:3:{i}" for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert {split_of(r["case_id"]) for r in rows} == {"train", "val"}
     assert set(PHANTOM_FINDINGS) <= set(rows[0])
     initial = MedFinder.from_pretrained(tiny_model_dir).image.state_dict()
     processes = set()
@@ -100,7 +91,8 @@ def test_two_candidates_train_side_by_side_on_phantoms_painted_once(two_tiny_can
         stage2_settings = summary["stage2"]["settings"]
         assert stage2_settings["lock_image"] and stage2_settings["init"] == str(out / name / "stage1")
     assert len(processes) == 2 and os.getpid() not in processes  # side by side: one process each
-    assert json.loads((out / "recipe.json").read_text())["candidates"] == ["medfinder-tiny", "tiny-coarse"]
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["candidates"] == ["medfinder-tiny", "tiny-coarse"] and (record["n"], record["painted"]) == (10, 9)
 
 
 def test_a_candidate_that_fails_in_its_process_is_one_sentence(two_tiny_candidates: tuple[list[str], Any],
@@ -156,9 +148,11 @@ def test_a_corpus_larger_than_memory_is_refused_before_painting(tiny_model_dir: 
     with pytest.raises(SystemExit) as exit_info:
         recipe.main(["--n", "200000", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
+    painted = len(recipe.training_indices(200000, 1))  # the test split is not painted
+    assert 175000 < painted < 185000
     assert capsys.readouterr().err.strip() == (
-        "error: 200000 phantoms would keep 1.5 GiB of preprocessed volumes in memory, more than 90 % of the "
-        "1.0 GiB available; use a smaller --n or fewer candidates.")
+        f"error: {painted} phantoms would keep {painted * 2 * 16 ** 3 / 2**30:.1f} GiB of preprocessed volumes in "
+        "memory, more than 90 % of the 1.0 GiB available; use a smaller --n or fewer candidates.")
 
 
 def test_a_folder_that_holds_an_earlier_cycle_is_refused(tiny_model_dir: Path, tmp_path: Path,
