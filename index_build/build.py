@@ -165,7 +165,8 @@ def _entries(model: Any, items: list[dict[str, Any]]) -> list[CaseEntry]:
     vectors: list[dict[str, np.ndarray]] = [{} for _ in items]
     with_image = [i for i, item in enumerate(items) if item["image"] is not None]
     if with_image:
-        images = model.encode_image(torch.from_numpy(np.stack([items[i]["image"] for i in with_image]))).numpy()
+        stacked = torch.from_numpy(np.stack([items[i]["image"] for i in with_image]))
+        images = model.encode_image(stacked, test_time_augmentation=True).numpy()  # the model's views, if it has any
         for row, i in enumerate(with_image):
             vectors[i]["image"] = images[row]
     with_report = [i for i, item in enumerate(items) if item["record"].report]

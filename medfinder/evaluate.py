@@ -10,6 +10,10 @@
 - keyword precision@10/@20 per finding: the finding's name through ``encode_text`` against
   image embeddings only; hits / min(k, positives).
 
+Scans are embedded as the product uses them: as an index stores them (with the model's
+test-time views, ``MedFinder.encode_image``) where reports and finding names search them, and as a
+query scan (without) where they search reports and other scans.
+
 Metric functions take similarity matrices so they can be checked on hand-built ones.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -107,28 +112,44 @@ def keyword_precision(
 
 
 # --------------------------------------------------------------------------- embedding
+@dataclass
+class CaseEmbeddings:
+    """Rows aligned with ``kept``: each scan as an index stores it (with the model's test-time
+    augmentation) and as a query scan is encoded (without), and each report."""
+
+    images: torch.Tensor
+    image_queries: torch.Tensor
+    reports: torch.Tensor
+    kept: list[CaseRecord]
+    skipped: dict[str, str]
+
+
 def embed_cases(
     model: Any,
     records: Sequence[CaseRecord],
     loader: Callable[[Path], Volume] | None = None,
     workers: int = 0,
     batch_size: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor, list[CaseRecord], dict[str, str]]:
+) -> CaseEmbeddings:
     """Image and report embeddings of the cases whose image loads, plus the skipped ones."""
     dataset = CaseDataset(records, model.make_preprocessor(), loader=loader)
     batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_for_pipe)
-    images, kept = [], []
+    indexed, queries, kept = [], [], []
+    augmented = model.test_time_augmentation.views > 0
     for batch in map(batch_from_pipe, batches):
         if batch is None:
             continue
-        images.append(model.encode_image(batch["image"], batch_size=batch_size))
+        queries.append(model.encode_image(batch["image"], batch_size=batch_size))
+        indexed.append(model.encode_image(batch["image"], batch_size=batch_size, test_time_augmentation=True)
+                       if augmented else queries[-1])
         kept.extend(dataset.records[i] for i in batch["index"].tolist())
     skipped = {r.case_id: "no image" for r in records if r.image is None}
     kept_ids = {r.case_id for r in kept}
     skipped.update({r.case_id: "image could not be used" for r in dataset.records if r.case_id not in kept_ids})
-    image_embeds = torch.cat(images) if images else torch.empty(0, model.embed_dim)
-    text_embeds = model.encode_text([r.report for r in kept])
-    return image_embeds, text_embeds, kept, skipped
+    empty = torch.empty(0, model.embed_dim)
+    return CaseEmbeddings(images=torch.cat(indexed) if indexed else empty,
+                          image_queries=torch.cat(queries) if queries else empty,
+                          reports=model.encode_text([r.report for r in kept]), kept=kept, skipped=skipped)
 
 
 def evaluate_embeddings(
@@ -137,17 +158,23 @@ def evaluate_embeddings(
     labels: np.ndarray,
     finding_names: Sequence[str],
     finding_embeds: torch.Tensor | None,
+    image_query_embeds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """All metrics from embeddings (rows aligned: case i's image, report and labels)."""
+    """All metrics from embeddings (rows aligned: case i's image, report and labels).
+
+    ``image_embeds`` are the scans as the index holds them, searched by reports and finding
+    names; ``image_query_embeds`` the same scans encoded as queries (default: the same), which
+    search the reports and the other scans.
+    """
     img = image_embeds.double().numpy()
     txt = text_embeds.double().numpy()
-    text_to_image = txt @ img.T
+    query = img if image_query_embeds is None else image_query_embeds.double().numpy()
     result: dict[str, Any] = {
-        "text_to_image": retrieval_metrics(text_to_image),
-        "image_to_text": retrieval_metrics(text_to_image.T),
+        "text_to_image": retrieval_metrics(txt @ img.T),
+        "image_to_text": retrieval_metrics(query @ txt.T),
     }
     if len(finding_names):
-        image_to_image = img @ img.T
+        image_to_image = query @ img.T
         result["image_to_image_label_overlap"] = {
             f"@{k}": label_overlap_at_k(image_to_image, labels, k) for k in OVERLAP_KS
         }
@@ -173,15 +200,17 @@ def evaluate_model(
     workers: int = 0,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    image_embeds, text_embeds, kept, skipped = embed_cases(model, records, loader, workers, batch_size)
-    if len(kept) < 2:
-        raise MedFinderError(f"Only {len(kept)} case(s) with a usable image and report; evaluation needs at least 2.")
-    names = finding_names_of(kept)
-    labels = label_matrix(kept, names)
+    embeds = embed_cases(model, records, loader, workers, batch_size)
+    if len(embeds.kept) < 2:
+        raise MedFinderError(
+            f"Only {len(embeds.kept)} case(s) with a usable image and report; evaluation needs at least 2.")
+    names = finding_names_of(embeds.kept)
+    labels = label_matrix(embeds.kept, names)
     finding_embeds = model.encode_text(names) if names else None
-    result = evaluate_embeddings(image_embeds, text_embeds, labels, names, finding_embeds)
-    result["cases"] = len(kept)
-    result["skipped"] = skipped
+    result = evaluate_embeddings(embeds.images, embeds.reports, labels, names, finding_embeds, embeds.image_queries)
+    result["test_time_views"] = model.test_time_augmentation.views
+    result["cases"] = len(embeds.kept)
+    result["skipped"] = embeds.skipped
     return result
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .augment import TestTimeAugmentation, augment_volumes
 from .errors import ModelError
 from .preprocess import PreprocessConfig, Preprocessor, get_preset
 
@@ -400,6 +401,7 @@ class MedFinder(nn.Module):
         if self.centering:
             self.image_centering = Centering(self.embed_dim)
             self.text_centering = Centering(self.embed_dim)
+        self.test_time_augmentation = TestTimeAugmentation.from_config(cfg.get("test_time_augmentation"), source)
         init_temperature = float(cfg.get("init_temperature", 0.07))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
@@ -480,11 +482,30 @@ class MedFinder(nn.Module):
                 self.train(True)
         return torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
 
-    def encode_image(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """(B, D) L2-normalised embeddings of preprocessed volumes (B, C, x, y, z)."""
+    def encode_image(self, images: torch.Tensor, batch_size: int = 8, test_time_augmentation: bool = False
+                     ) -> torch.Tensor:
+        """(B, D) L2-normalised embeddings of preprocessed volumes (B, C, x, y, z).
+
+        ``test_time_augmentation`` (what an index stores for its scans): each embedding is the
+        mean of the volume's own and its config's fixed augmented views, renormalised, at
+        ``views + 1`` times the cost; a query scan is encoded without it, fast.
+        """
         if images.ndim == 4:
             images = images.unsqueeze(0)
+        if test_time_augmentation and self.test_time_augmentation.views > 0:
+            return self._batched(self._embed_with_views, images, batch_size)
         return self._batched(lambda x: self.embed_image(x.to(self.device)), images, batch_size)
+
+    def _embed_with_views(self, images: torch.Tensor) -> torch.Tensor:
+        tta = self.test_time_augmentation
+        images = images.to(self.device)
+        total = self.embed_image(images)
+        generator = torch.Generator(device=images.device)
+        for i in range(images.shape[0]):
+            generator.manual_seed(tta.seed)  # the same views for every volume, in any batch
+            views = augment_volumes(images[i : i + 1].expand(tta.views, *images.shape[1:]).clone(), tta, generator)
+            total[i] += self.embed_image(views).sum(dim=0)
+        return F.normalize(total, dim=-1)
 
     def encode_text(self, texts: Iterable[str], batch_size: int = 64) -> torch.Tensor:
         """(B, D) L2-normalised joint-space embeddings of reports or queries."""

@@ -28,9 +28,9 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from argparse import Namespace
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from argparse import Namespace
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence

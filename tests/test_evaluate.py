@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medfinder.evaluate import (
+    evaluate_embeddings,
     keyword_precision,
     label_overlap_at_k,
     main,
@@ -96,6 +97,24 @@ def test_keyword_precision_per_finding_skips_findings_without_positives() -> Non
     assert result["per_finding"]["Pleural effusion"] == {"positives": 2, "P@2": 1.0}
     assert result["per_finding"]["Cardiomegaly"]["P@2"] == pytest.approx(0.5)
     assert result["mean"]["P@2"] == pytest.approx(0.75)
+
+
+def test_reports_and_finding_names_search_indexed_scans_while_query_scans_search_the_rest() -> None:
+    # Indexed scans (with the model's test-time views) and query scans (without) are different
+    # vectors; each metric must use the one the product uses.
+    import torch
+
+    indexed = torch.eye(3)
+    queries = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    reports = torch.eye(3)
+    labels = np.array([[1], [0], [0]])
+    result = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], torch.tensor([[1.0, 0.0, 0.0]]),
+                                 image_query_embeds=queries)
+    assert result["text_to_image"]["R@1"] == 1.0  # reports find the indexed scans
+    assert result["image_to_text"]["R@1"] == pytest.approx(1 / 3)  # only query 2 finds its own report
+    assert result["keyword"]["per_finding"]["Pleural effusion"]["P@10"] == 1.0
+    same = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], None)
+    assert same["image_to_text"]["R@1"] == 1.0  # without query vectors the indexed ones stand in
 
 
 def test_cli_prints_json_metrics_for_a_saved_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

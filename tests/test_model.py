@@ -53,6 +53,63 @@ def test_batching_does_not_change_image_embeddings(tiny: tuple[MedFinder, Prepro
     assert torch.allclose(model.encode_image(x, batch_size=1), model.encode_image(x, batch_size=4), atol=1e-5)
 
 
+def _with_views(views: int = 3) -> MedFinder:
+    config = load_config(TINY)
+    config["test_time_augmentation"] = {"views": views, "translate_voxels": 2.0, "seed": 5}
+    torch.manual_seed(0)
+    return MedFinder(config).eval()
+
+
+def test_test_time_augmentation_averages_fixed_views_whatever_the_batch() -> None:
+    model = _with_views()
+    x = _inputs(model, 4)
+    plain = model.encode_image(x)
+    indexed = model.encode_image(x, test_time_augmentation=True)
+    assert torch.allclose(indexed.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert not torch.allclose(indexed, plain, atol=1e-3)  # the views count
+    # the same views for every volume: a volume's vector does not depend on its batch
+    assert torch.allclose(model.encode_image(x, batch_size=1, test_time_augmentation=True), indexed, atol=1e-5)
+    assert torch.allclose(model.encode_image(x[2:3], test_time_augmentation=True)[0], indexed[2], atol=1e-5)
+    # the mean of the volume's own embedding and its views', renormalised
+    from medfinder.augment import augment_volumes
+
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        views = model.embed_image(augment_volumes(x[:1].expand(3, *x.shape[1:]).clone(), model.test_time_augmentation, g))
+        expected = torch.nn.functional.normalize(plain[0] + views.sum(dim=0), dim=0)
+    assert torch.allclose(indexed[0], expected, atol=1e-5)
+
+
+def test_a_model_without_views_encodes_for_an_index_as_for_a_query(tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model, _ = tiny
+    x = _inputs(model, 2)
+    assert model.test_time_augmentation.views == 0
+    assert torch.equal(model.encode_image(x, test_time_augmentation=True), model.encode_image(x))
+
+
+def test_test_time_views_are_saved_with_the_model_and_change_its_fingerprint(tmp_path: Path,
+                                                                             tiny: tuple[MedFinder, Preprocessor]) -> None:
+    model = _with_views(views=2)
+    model.load_state_dict(tiny[0].state_dict())
+    loaded = MedFinder.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.test_time_augmentation == model.test_time_augmentation
+    x = _inputs(model, 2)
+    assert torch.equal(loaded.encode_image(x, test_time_augmentation=True), model.encode_image(x, test_time_augmentation=True))
+    # same weights, other index vectors: an index must not mix the two
+    assert loaded.fingerprint != tiny[0].fingerprint
+
+
+@pytest.mark.parametrize("entry", [{"views": -1}, {"views": 65}, {"views": "many"}, {"rotate_degrees": -3},
+                                   {"scale_range": 0.5}, {"translate_voxels": float("nan")}, {"flip": True}, [8]],
+                         ids=["negative", "too-many", "not-a-number", "negative-angle", "scale", "nan", "unknown-key",
+                              "not-a-mapping"])
+def test_a_bad_test_time_augmentation_entry_is_named(entry: object) -> None:
+    config = load_config(TINY)
+    config["test_time_augmentation"] = entry
+    with pytest.raises(ModelError, match="test_time_augmentation entry of model config 'medfinder-tiny'"):
+        MedFinder(config)
+
+
 def test_encoding_leaves_training_mode_alone(tiny: tuple[MedFinder, Preprocessor]) -> None:
     model, _ = tiny
     model.train()

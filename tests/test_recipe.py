@@ -9,16 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 import medfinder.recipe as recipe
-from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, unpack_from_cache
+from medfinder import phantoms
+from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, split_of, unpack_from_cache
 from medfinder.errors import MedFinderError
 from medfinder.model import MedFinder, load_config
-from medfinder import phantoms
-from medfinder.datasets import split_of
 from medfinder.phantoms import PHANTOM_FINDINGS, generate_case, phantom_path
 
 

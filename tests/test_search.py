@@ -253,3 +253,29 @@ def test_build_logs_and_counts_broken_cases(tiny_model_dir, tiny_corpus, tmp_pat
     summary = build_index(records, tmp_path / "idx", model_dir=tiny_model_dir, progress=False)
     assert summary.added == 2 and set(summary.failed) == {"broken", "missing"}
     assert "broken.nii.gz" in summary.failed["broken"]
+
+
+def test_an_index_stores_each_scan_with_its_models_test_time_views(tiny_model_dir, tiny_corpus, tmp_path):
+    """index_build stores the views-averaged vector; a query scan is encoded without views."""
+    import torch
+
+    from index_build.build import build_index
+    from medfinder.datasets import read_manifest
+    from medfinder.model import MedFinder
+    from medfinder.volume import load_volume
+
+    tiny = MedFinder.from_pretrained(tiny_model_dir)
+    config = dict(tiny.config, test_time_augmentation={"views": 3, "seed": 1})
+    model = MedFinder(config)
+    model.load_state_dict(tiny.state_dict())
+    model_dir = model.eval().save_pretrained(tmp_path / "model")
+    records = read_manifest(tiny_corpus)[:6]
+    build_index(records, tmp_path / "idx", model_dir=model_dir, progress=False)
+    searcher = Searcher.open(tmp_path / "idx", model_dir)
+    x = searcher.preprocessor(load_volume(records[4].image)).unsqueeze(0)
+    stored = model.encode_image(x, test_time_augmentation=True)[0].numpy()
+    query = searcher.encode_volume(load_volume(records[4].image))
+    assert np.allclose(query, model.encode_image(x)[0].numpy(), atol=1e-5)  # queries: no views, fast
+    best_id, best_score = searcher.index.query("image", stored, 1)[0]
+    assert best_id == records[4].case_id and best_score == pytest.approx(1.0, abs=1e-4)
+    assert float(torch.from_numpy(query) @ torch.from_numpy(stored)) < 1.0 - 1e-4  # the stored vector is the averaged one

@@ -11,6 +11,7 @@ import torch
 from conftest import file_size_limit
 from test_datasets import write_tiny_corpus
 
+from medfinder.augment import augment_volumes
 from medfinder.datasets import CaseDataset, CaseRecord, read_manifest, split_of
 from medfinder.evaluate import finding_names_of
 from medfinder.model import MedFinder, split_sentences
@@ -20,7 +21,6 @@ from medfinder.train import (
     STATE_FILE,
     TrainSettings,
     _masked_bce,
-    augment_volumes,
     label_pos_weight,
     main,
     sample_report,
@@ -198,7 +198,8 @@ def test_validation_reports_single_finding_precision_against_images_only(tmp_pat
     model, preprocessor = create_model_and_transforms("medfinder-tiny")
     model.eval()
     with_labels = validation_recall(model, CaseDataset(records, preprocessor, names), batch_size=4)
-    images, _, kept, _ = embed_cases(model, records)
+    embeds = embed_cases(model, records)
+    images, kept = embeds.images, embeds.kept
     labels = np.array([[r.labels.get(n, 0) for n in names] for r in kept])
     expected = keyword_precision(model.encode_text(names).double().numpy() @ images.double().numpy().T,
                                  labels, names, ks=(10,))["mean"]["P@10"]
