@@ -325,13 +325,14 @@ def read_ct_rate(root: str | Path) -> list[CaseRecord]:
 
 # --------------------------------------------------------------------------- torch dataset
 def _default_loader(path: Path) -> Volume:
-    # imported late: the loader is swappable in tests, and phantoms need not load for real data
-    from .phantoms import is_phantom_path, phantom_volume
-    from .volume import load_volume
+    from .volume import load_volume  # imported late: the loader is swappable in tests
 
-    if is_phantom_path(path) and not Path(path).exists():
-        # a recipe's manifest (medfinder.recipe): its phantoms were never written, so paint them again
-        return phantom_volume(path)
+    if ":" in Path(path).name and not Path(path).exists():
+        from .phantoms import is_phantom_path, phantom_volume  # the generator only for phantom paths
+
+        if is_phantom_path(path):
+            # a recipe's manifest (medfinder.recipe): its phantoms were never written, so paint them again
+            return phantom_volume(path)
     return load_volume(path)
 
 

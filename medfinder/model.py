@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .augment import TestTimeAugmentation, augment_volumes
+from .augment import TestTimeAugmentation, Views, apply_views, draw_views
 from .errors import ModelError
 from .preprocess import PreprocessConfig, Preprocessor, get_preset
 
@@ -402,6 +402,7 @@ class MedFinder(nn.Module):
             self.image_centering = Centering(self.embed_dim)
             self.text_centering = Centering(self.embed_dim)
         self.test_time_augmentation = TestTimeAugmentation.from_config(cfg.get("test_time_augmentation"), source)
+        self._views: dict[tuple[TestTimeAugmentation, tuple[int, ...], str], Views] = {}
         init_temperature = float(cfg.get("init_temperature", 0.07))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
@@ -493,18 +494,28 @@ class MedFinder(nn.Module):
         if images.ndim == 4:
             images = images.unsqueeze(0)
         if test_time_augmentation and self.test_time_augmentation.views > 0:
-            return self._batched(self._embed_with_views, images, batch_size)
+            return self._batched(lambda x: self._embed_with_views(x, batch_size), images, batch_size)
         return self._batched(lambda x: self.embed_image(x.to(self.device)), images, batch_size)
 
-    def _embed_with_views(self, images: torch.Tensor) -> torch.Tensor:
+    def _test_time_views(self, shape: tuple[int, ...], device: torch.device) -> Views:
+        """The config's views for volumes of ``shape``, drawn once on the CPU (so a GPU index holds
+        the vectors a CPU one does) and kept: about 10 MB per view at the demo's input size."""
         tta = self.test_time_augmentation
+        key = (tta, shape, str(device))  # keyed on the settings too: they may be replaced on a loaded model
+        if key not in self._views:
+            generator = torch.Generator().manual_seed(tta.seed)
+            self._views[key] = draw_views((tta.views, *shape), tta, generator).to(device)
+        return self._views[key]
+
+    def _embed_with_views(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         images = images.to(self.device)
         total = self.embed_image(images)
-        generator = torch.Generator(device=images.device)
-        for i in range(images.shape[0]):
-            generator.manual_seed(tta.seed)  # the same views for every volume, in any batch
-            views = augment_volumes(images[i : i + 1].expand(tta.views, *images.shape[1:]).clone(), tta, generator)
-            total[i] += self.embed_image(views).sum(dim=0)
+        n_views = self.test_time_augmentation.views
+        views = self._test_time_views(tuple(images.shape[1:]), images.device)
+        for i in range(images.shape[0]):  # the same views for every volume, in any batch
+            augmented = apply_views(images[i : i + 1].expand(n_views, *images.shape[1:]), views)
+            for start in range(0, n_views, batch_size):
+                total[i] += self.embed_image(augmented[start : start + batch_size]).sum(dim=0)
         return F.normalize(total, dim=-1)
 
     def encode_text(self, texts: Iterable[str], batch_size: int = 64) -> torch.Tensor:

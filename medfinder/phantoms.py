@@ -2322,7 +2322,7 @@ def _phantom_address(path: str | Path) -> tuple[int, int] | None:
         seed, index = int(parts[1]), int(parts[2])
     except ValueError:
         return None
-    return (seed, index) if index >= 0 else None
+    return (seed, index) if seed >= 0 and index >= 0 else None
 
 
 def is_phantom_path(path: str | Path) -> bool:

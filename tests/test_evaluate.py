@@ -101,20 +101,33 @@ def test_keyword_precision_per_finding_skips_findings_without_positives() -> Non
 
 def test_reports_and_finding_names_search_indexed_scans_while_query_scans_search_the_rest() -> None:
     # Indexed scans (with the model's test-time views) and query scans (without) are different
-    # vectors; each metric must use the one the product uses.
+    # vectors; each metric must use the one the product uses. 12 cases, one finding in cases 0-1:
+    # the indexed scans put both first for the finding's name, the query scans put them last.
     import torch
 
-    indexed = torch.eye(3)
-    queries = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    reports = torch.eye(3)
-    labels = np.array([[1], [0], [0]])
-    result = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], torch.tensor([[1.0, 0.0, 0.0]]),
-                                 image_query_embeds=queries)
+    n = 12
+    indexed = torch.eye(n)
+    queries = torch.roll(torch.eye(n), 1, dims=1)  # query scan i points at case i + 1
+    reports = torch.eye(n)
+    labels = np.zeros((n, 1), dtype=np.int64)
+    labels[:2] = 1
+    finding = torch.zeros(1, n)
+    finding[0, :2] = 1.0
+    result = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], finding, image_query_embeds=queries)
     assert result["text_to_image"]["R@1"] == 1.0  # reports find the indexed scans
-    assert result["image_to_text"]["R@1"] == pytest.approx(1 / 3)  # only query 2 finds its own report
-    assert result["keyword"]["per_finding"]["Pleural effusion"]["P@10"] == 1.0
-    same = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], None)
-    assert same["image_to_text"]["R@1"] == 1.0  # without query vectors the indexed ones stand in
+    assert result["image_to_text"]["R@1"] == 0.0  # each query scan finds the next case's report first
+    assert result["keyword"]["per_finding"]["Pleural effusion"]["P@10"] == 1.0  # the indexed scans rank
+    flipped = evaluate_embeddings(queries, reports, labels, ["Pleural effusion"], finding, image_query_embeds=indexed)
+    assert flipped["text_to_image"]["R@1"] == 0.0 and flipped["image_to_text"]["R@1"] == 1.0
+    # image to image: query scans against indexed scans
+    g = torch.Generator().manual_seed(0)
+    indexed, queries = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for _ in range(2))
+    labels = (torch.rand(n, 3, generator=g) < 0.4).long().numpy()
+    names = ["Pleural effusion", "Cardiomegaly", "Emphysema"]
+    overlap = evaluate_embeddings(indexed, indexed, labels, names, None, image_query_embeds=queries)
+    expected = label_overlap_at_k((queries @ indexed.T).double().numpy(), labels, 5)
+    assert overlap["image_to_image_label_overlap"]["@5"] == expected
+    assert expected != label_overlap_at_k((indexed @ indexed.T).double().numpy(), labels, 5)
 
 
 def test_cli_prints_json_metrics_for_a_saved_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

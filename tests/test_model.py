@@ -87,6 +87,42 @@ def test_a_model_without_views_encodes_for_an_index_as_for_a_query(tiny: tuple[M
     assert torch.equal(model.encode_image(x, test_time_augmentation=True), model.encode_image(x))
 
 
+def test_a_config_without_test_time_views_keeps_the_fingerprint_it_had_before_they_existed() -> None:
+    # Indexes built with a model before the entry existed must still open with it.
+    from medfinder.demo import DEMO_MODEL_DIR
+
+    config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    del config["test_time_augmentation"]
+    model = MedFinder(config)
+    model.load_weights(DEMO_MODEL_DIR / "model.safetensors")
+    assert model.fingerprint == "14fa7b1cacadf010"  # the demo weights' fingerprint up to stop 24
+
+
+def test_other_test_time_settings_on_a_loaded_model_draw_their_own_views() -> None:
+    # benchmarks/test_time_views.py swaps the setting on one model; kept views must not leak across.
+    from dataclasses import replace
+
+    model, fresh = _with_views(views=3), _with_views(views=2)
+    x = _inputs(model, 2)
+    model.encode_image(x, test_time_augmentation=True)
+    model.test_time_augmentation = replace(model.test_time_augmentation, views=2)
+    assert torch.allclose(model.encode_image(x, test_time_augmentation=True),
+                          fresh.encode_image(x, test_time_augmentation=True), atol=1e-6)
+
+
+def test_views_go_through_the_tower_in_batches() -> None:
+    model = _with_views(views=5)
+    x = _inputs(model, 2)
+    seen: list[int] = []
+    hook = model.image.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        batched = model.encode_image(x, batch_size=2, test_time_augmentation=True)
+    finally:
+        hook.remove()
+    assert seen == [2] + [2, 2, 1] * 2  # the two volumes, then each one's five views two at a time
+    assert torch.allclose(batched, model.encode_image(x, test_time_augmentation=True), atol=1e-5)
+
+
 def test_test_time_views_are_saved_with_the_model_and_change_its_fingerprint(tmp_path: Path,
                                                                              tiny: tuple[MedFinder, Preprocessor]) -> None:
     model = _with_views(views=2)
@@ -99,10 +135,12 @@ def test_test_time_views_are_saved_with_the_model_and_change_its_fingerprint(tmp
     assert loaded.fingerprint != tiny[0].fingerprint
 
 
-@pytest.mark.parametrize("entry", [{"views": -1}, {"views": 65}, {"views": "many"}, {"rotate_degrees": -3},
-                                   {"scale_range": 0.5}, {"translate_voxels": float("nan")}, {"flip": True}, [8]],
-                         ids=["negative", "too-many", "not-a-number", "negative-angle", "scale", "nan", "unknown-key",
-                              "not-a-mapping"])
+@pytest.mark.parametrize("entry", [
+    {"views": -1}, {"views": 65}, {"views": "8"}, {"views": 2.5}, {"views": True}, {"views": float("inf")},
+    {"views": 8, "rotate_degrees": -3}, {"views": 8, "scale_range": 0.5}, {"views": 8, "translate_voxels": float("nan")},
+    {"views": 8, "translate_voxels": 1e9}, {"views": 8, "seed": 2**70}, {"views": 8, "flip": True}, {"seed": 5}, [8],
+], ids=["negative", "too-many", "text", "fraction", "boolean", "infinite", "negative-angle", "scale", "nan",
+        "huge-shift", "huge-seed", "unknown-key", "no-views", "not-an-object"])
 def test_a_bad_test_time_augmentation_entry_is_named(entry: object) -> None:
     config = load_config(TINY)
     config["test_time_augmentation"] = entry

@@ -321,7 +321,7 @@ def test_a_phantom_path_paints_the_same_case_again() -> None:
     np.testing.assert_array_equal(P.phantom_volume(path).hu, expected)
     # as read_manifest gives it back, behind the manifest's folder
     np.testing.assert_array_equal(P.phantom_volume(Path("/corpus") / str(path)).hu, expected)
-    for bad in ("scan:7:3", "phantom:7", "phantom:seven:3", "phantom:7:-3", "phantom:7:3:1"):
+    for bad in ("scan:7:3", "phantom:7", "phantom:seven:3", "phantom:7:-3", "phantom:-7:3", "phantom:7:3:1"):
         assert not P.is_phantom_path(bad)
         with pytest.raises(P.PhantomError, match="not a phantom path"):
             P.phantom_volume(Path(bad))

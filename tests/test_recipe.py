@@ -63,11 +63,18 @@ def test_two_candidates_train_side_by_side_on_phantoms_painted_once(two_tiny_can
                                                                     tiny_model_dir: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     candidates, painted = two_tiny_candidates
-    monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: painted)
+    asked: list[tuple[int, list[int]]] = []
+
+    def paint_corpus(seed: int, indices: list[int], *rest: Any) -> Any:
+        asked.append((seed, list(indices)))
+        return painted
+
+    monkeypatch.setattr(recipe, "paint_corpus", paint_corpus)
     # A volume painted again would reach the preprocessor as None and its case would be skipped.
     monkeypatch.setattr(phantoms, "phantom_volume", lambda path: None)
     out = tmp_path / "cycle"
     assert recipe.main(_cycle_args(candidates, tiny_model_dir, out)) == 0
+    assert asked == [(3, [0, 2, 3, 4, 5, 6, 7, 8, 9])]  # the recipe asks for no test-split phantom
 
     with (out / "manifest.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
