@@ -70,11 +70,12 @@ def main() -> None:
             "text_to_image_R@10": retrieval_metrics(report_embeds @ embeds.T)["R@10"],
             "encode_s_per_scan": round(seconds / len(kept), 4),
         })
+    model.test_time_augmentation = configured
     print(json.dumps({
         "benchmark": "test_time_views",
         "manifest": str(args.manifest),
         "model": str(args.model),
-        "fingerprint": model.fingerprint if model.test_time_augmentation == configured else None,
+        "fingerprint": model.fingerprint,
         "configured": {"views": configured.views, "translate_voxels": configured.translate_voxels,
                        "rotate_degrees": configured.rotate_degrees, "scale_range": configured.scale_range,
                        "seed": configured.seed},

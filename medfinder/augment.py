@@ -153,7 +153,8 @@ class TestTimeAugmentation:
             whole = key in ("views", "seed")
             kinds = (int,) if whole else (int, float)
             low, high = cls.LIMITS[key]
-            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not low <= value <= high:
+            # the comparison also refuses NaN and infinity, and any size of int without overflowing
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
                 kind, span = ("a whole number", f"{int(low)} to {int(high)}") if whole else ("a number", f"{low:g} to {high:g}")
                 raise refuse(f"needs {key} to be {kind} from {span}, not {value!r}")
             values[key] = int(value) if whole else float(value)

@@ -101,8 +101,8 @@ def test_keyword_precision_per_finding_skips_findings_without_positives() -> Non
 
 def test_reports_and_finding_names_search_indexed_scans_while_query_scans_search_the_rest() -> None:
     # Indexed scans (with the model's test-time views) and query scans (without) are different
-    # vectors; each metric must use the one the product uses. 12 cases, one finding in cases 0-1:
-    # the indexed scans put both first for the finding's name, the query scans put them last.
+    # vectors; each metric must use the one the product uses. 12 cases, one finding in the last two:
+    # the indexed scans put both first for the finding's name, the query scans only one of them.
     import torch
 
     n = 12
@@ -110,15 +110,16 @@ def test_reports_and_finding_names_search_indexed_scans_while_query_scans_search
     queries = torch.roll(torch.eye(n), 1, dims=1)  # query scan i points at case i + 1
     reports = torch.eye(n)
     labels = np.zeros((n, 1), dtype=np.int64)
-    labels[:2] = 1
+    labels[-2:] = 1
     finding = torch.zeros(1, n)
-    finding[0, :2] = 1.0
+    finding[0, -2:] = 1.0
     result = evaluate_embeddings(indexed, reports, labels, ["Pleural effusion"], finding, image_query_embeds=queries)
     assert result["text_to_image"]["R@1"] == 1.0  # reports find the indexed scans
     assert result["image_to_text"]["R@1"] == 0.0  # each query scan finds the next case's report first
     assert result["keyword"]["per_finding"]["Pleural effusion"]["P@10"] == 1.0  # the indexed scans rank
     flipped = evaluate_embeddings(queries, reports, labels, ["Pleural effusion"], finding, image_query_embeds=indexed)
     assert flipped["text_to_image"]["R@1"] == 0.0 and flipped["image_to_text"]["R@1"] == 1.0
+    assert flipped["keyword"]["per_finding"]["Pleural effusion"]["P@10"] == 0.5
     # image to image: query scans against indexed scans
     g = torch.Generator().manual_seed(0)
     indexed, queries = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for _ in range(2))

@@ -106,8 +106,10 @@ def test_other_test_time_settings_on_a_loaded_model_draw_their_own_views() -> No
     x = _inputs(model, 2)
     model.encode_image(x, test_time_augmentation=True)
     model.test_time_augmentation = replace(model.test_time_augmentation, views=2)
-    assert torch.allclose(model.encode_image(x, test_time_augmentation=True),
-                          fresh.encode_image(x, test_time_augmentation=True), atol=1e-6)
+    two = model.encode_image(x, test_time_augmentation=True)
+    assert torch.allclose(two, fresh.encode_image(x, test_time_augmentation=True), atol=1e-6)
+    model.test_time_augmentation = replace(model.test_time_augmentation, seed=6)  # same count, other views
+    assert not torch.allclose(model.encode_image(x, test_time_augmentation=True), two, atol=1e-4)
 
 
 def test_views_go_through_the_tower_in_batches() -> None:
@@ -137,9 +139,10 @@ def test_test_time_views_are_saved_with_the_model_and_change_its_fingerprint(tmp
 
 @pytest.mark.parametrize("entry", [
     {"views": -1}, {"views": 65}, {"views": "8"}, {"views": 2.5}, {"views": True}, {"views": float("inf")},
+    {"views": 10**400},
     {"views": 8, "rotate_degrees": -3}, {"views": 8, "scale_range": 0.5}, {"views": 8, "translate_voxels": float("nan")},
     {"views": 8, "translate_voxels": 1e9}, {"views": 8, "seed": 2**70}, {"views": 8, "flip": True}, {"seed": 5}, [8],
-], ids=["negative", "too-many", "text", "fraction", "boolean", "infinite", "negative-angle", "scale", "nan",
+], ids=["negative", "too-many", "text", "fraction", "boolean", "infinite", "huge", "negative-angle", "scale", "nan",
         "huge-shift", "huge-seed", "unknown-key", "no-views", "not-an-object"])
 def test_a_bad_test_time_augmentation_entry_is_named(entry: object) -> None:
     config = load_config(TINY)
