@@ -28,7 +28,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medfinder.vector_index import HNSW_DEFAULTS, ExactIndex, HnswIndex, exact_search  # noqa: E402
+from medfinder.index.hnsw import HNSW_DEFAULTS, HnswIndex
+from medfinder.index.vectors import ExactIndex, exact_search  # noqa: E402
 
 
 def clustered_unit_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from medfinder.io.volume import Volume
 from medfinder.model import MedFinder, create_model_and_transforms
-from medfinder.volume import Volume
 
 
 def demo_volume(shape: tuple[int, int, int] = (160, 160, 128), spacing: float = 2.2) -> tuple[Volume, str]:

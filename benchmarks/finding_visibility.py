@@ -28,7 +28,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 from medfinder.model import MedFinder, create_model_and_transforms
 from medfinder.phantoms import PHANTOM_FINDINGS, PhantomCase, generate_case
-from medfinder.preprocess import Preprocessor
+from medfinder.transforms.preprocess import Preprocessor
 
 SMALL_FINDINGS = ("Coronary artery wall calcification", "Arterial wall calcification", "Lung nodule", "Lymphadenopathy")
 

@@ -25,17 +25,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from index_build.build import build_index  # noqa: E402
-from medfinder.datasets import CaseRecord, read_manifest  # noqa: E402
 from medfinder.demo import DEMO_MODEL_DIR  # noqa: E402
+from medfinder.index import CaseIndex  # noqa: E402
+from medfinder.index.build import build_index  # noqa: E402
+from medfinder.io.manifests import ManifestCase, read_manifest  # noqa: E402
 from medfinder.model import MedFinder  # noqa: E402
 from medfinder.search import Searcher  # noqa: E402
-from medfinder.index import CaseIndex  # noqa: E402
 
 KS = (10, 20)
 
 
-def _queries(records: list[CaseRecord]) -> list[tuple[str, str]]:
+def _queries(records: list[ManifestCase]) -> list[tuple[str, str]]:
     labels = {name for r in records for name in r.labels}
     out = [(name, name) for name in sorted(labels)]
     spec = yaml.safe_load((REPO / "benchmarks" / "paraphrase_queries.yaml").read_text(encoding="utf-8"))
@@ -74,14 +74,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     keep = set(rng.choice([r.case_id for r in records], size=int(args.report_share * len(records)),
                           replace=False).tolist())
-    partial = [CaseRecord(r.case_id, r.image, r.report if r.case_id in keep else "", r.labels, r.metadata)
+    partial = [ManifestCase(r.case_id, r.image, r.report if r.case_id in keep else "", r.labels, r.metadata)
                for r in records]
     result = {"benchmark": "fusion_compare", "manifest": str(args.manifest), "model": str(args.model),
               "cases": len(records), "queries": len(queries)}
     with tempfile.TemporaryDirectory(prefix="fusion-") as tmp:
         for setting, recs in (("all_reports", records), (f"reports_for_{args.report_share:.0%}", partial)):
             out = Path(tmp) / setting
-            build_index(recs, out, model_dir=args.model, workers=2, progress=False)
+            build_index(recs, out, model=args.model, workers=2, progress=False)
             searcher = Searcher(CaseIndex.open(out, fingerprint=model.fingerprint), model)
             result[setting] = _evaluate(searcher, queries, positives)
             searcher.index.close()

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from medfinder.keyword_search import KeywordIndex  # noqa: E402
-from medfinder.reports import parse_reports  # noqa: E402
+from medfinder.index.keywords import KeywordIndex  # noqa: E402
+from medfinder.text.reports import parse_reports  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

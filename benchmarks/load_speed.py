@@ -19,8 +19,8 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medfinder.preprocess import Preprocessor, get_preset  # noqa: E402
-from medfinder.volume import load_volume  # noqa: E402
+from medfinder.io.load import load_volume  # noqa: E402
+from medfinder.transforms.preprocess import Preprocessor, get_preset  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 

@@ -23,12 +23,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ann_recall import clustered_unit_vectors  # noqa: E402
+
 from medfinder.demo import DEMO_MODEL_DIR  # noqa: E402
 from medfinder.index import CaseEntry, CaseIndex  # noqa: E402
 from medfinder.model import MedFinder  # noqa: E402
 from medfinder.phantoms import generate_case  # noqa: E402
-from medfinder.reports import parse_report  # noqa: E402
 from medfinder.search import Searcher  # noqa: E402
+from medfinder.text.reports import parse_report  # noqa: E402
 
 QUERIES = ["pleural effusion", "right pleural effusion", "cardiomegaly", "lung nodule without emphysema",
            "enlarged heart", "collapsed lung", "swollen lymph nodes", "consolidation in the right lower lobe",

@@ -26,10 +26,16 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medfinder.datasets import CaseDataset, batch_from_pipe, collate_for_pipe, read_manifest  # noqa: E402
 from medfinder.demo import DEMO_MODEL_DIR  # noqa: E402
-from medfinder.evaluate import finding_names_of, keyword_precision, label_matrix, retrieval_metrics  # noqa: E402
+from medfinder.io.manifests import read_manifest  # noqa: E402
 from medfinder.model import MedFinder  # noqa: E402
+from medfinder.training.datasets import CaseDataset, batch_from_pipe, collate_for_pipe
+from medfinder.training.evaluate import (  # noqa: E402
+    finding_names_of,
+    keyword_precision,
+    label_matrix,
+    retrieval_metrics,
+)
 
 
 def main() -> None:

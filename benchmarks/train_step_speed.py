@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-from medfinder.augment import augment_volumes
 from medfinder.model import create_model_and_transforms
-from medfinder.train import TrainSettings
+from medfinder.training.train import TrainSettings
+from medfinder.transforms.augment import augment_volumes
 
 
 def seconds_per_sample(config: str, batch_size: int, steps: int, bf16: bool, channels_last: bool) -> float:

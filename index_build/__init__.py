@@ -1,1 +1,1 @@
-"""Batched, resumable building of a MedFinder case index from a manifest, BIMCV-R, CT-RATE or a DICOM tree."""
+"""``python -m index_build``: a thin entry point; the build itself is ``medfinder.index.build``."""

@@ -1,6 +1,7 @@
+"""``python -m medfinder``: the command line (``medfinder.cli``)."""
+
 import sys
 
 from .cli import main
-from .cli_support import run_guarded
 
-sys.exit(run_guarded(main))
+sys.exit(main())

@@ -10,6 +10,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .search import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +23,7 @@ DEMO_MODEL_DIR = ASSETS_DIR / "model"
 DEMO_INDEX_DIR = Path(os.environ.get("MEDFINDER_DEMO_INDEX", Path(__file__).resolve().parent.parent / "demo_index"))
 #: The demo corpus: phantom cases from a seed the demo model never saw in training.
 DEMO_SEED = 7
+#: How many phantoms the demo index holds; MEDFINDER_DEMO_CASES makes a smaller one (a quicker first start).
 DEMO_CASES = 120
 #: Example query scans: phantoms from another seed that neither the demo index nor training used
 #: (tests/test_index.py checks both against the seeds recorded in assets/model/training_stage1.json).
@@ -29,31 +34,55 @@ _SEED_FILE = ".seed"
 BUNDLED_EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 
-def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int = DEMO_CASES, seed: int = DEMO_SEED,
-                      workers: int = 2, model_dir: Path = DEMO_MODEL_DIR) -> Path:
+def demo_cases() -> int:
+    """The demo corpus's size: MEDFINDER_DEMO_CASES when set (10 to 5000), else DEMO_CASES."""
+    from .errors import MedFinderError
+
+    value = os.environ.get("MEDFINDER_DEMO_CASES", "").strip()
+    if not value:
+        return DEMO_CASES
+    if not value.isdigit() or not 10 <= int(value) <= 5000:
+        raise MedFinderError(f"MEDFINDER_DEMO_CASES must be a whole number from 10 to 5000, not {value!r}.")
+    return int(value)
+
+
+def ensure_demo_index(index_dir: Path = DEMO_INDEX_DIR, n: int | None = None, seed: int = DEMO_SEED,
+                      workers: int = 2, model_dir: Path = DEMO_MODEL_DIR, device: str = "auto") -> Path:
     """Build the demo index unless a complete one is already there; returns its folder.
 
     Resumable like every index build: an interrupted first start picks up where it stopped.
     """
-    from index_build.build import build_index
-    from medfinder.datasets import read_manifest
-    from medfinder.phantoms import write_corpus
+    from .index.build import build_index
+    from .io.manifests import read_manifest
+    from .phantoms import write_corpus
 
     index_dir = Path(index_dir)
+    n = demo_cases() if n is None else n
     _drop_if_built_by_another_model(index_dir, model_dir)
     corpus = index_dir.parent / f"{index_dir.name}_corpus"
     manifest = corpus / "manifest.csv"
     if not manifest.exists():
         write_corpus(n, seed, corpus, workers=workers)
-    build_index(read_manifest(manifest), index_dir, model_dir=model_dir, workers=workers,
+    build_index(read_manifest(manifest), index_dir, model=model_dir, workers=workers, device=device,
                 settings={"corpus": f"phantoms n={n} seed={seed}"})
     return index_dir
 
 
+def open_demo_searcher(index_dir: Path = DEMO_INDEX_DIR, device: str = "auto") -> "Searcher":
+    """The demo index (built or rebuilt first when it is missing or older than the demo weights)
+    searched with the demo model."""
+    from .search import Searcher
+
+    if not demo_index_is_current(index_dir):
+        log.warning("Building the demo index from synthetic phantoms in %s (first start, or new weights).", index_dir)
+        ensure_demo_index(index_dir, device=device)
+    return Searcher.open(index_dir, DEMO_MODEL_DIR, device=device)
+
+
 def _built_with(index_dir: Path) -> str | None:
     """The fingerprint of the model that built a committed index; None if there is none or it is unreadable."""
-    from medfinder.errors import MedFinderError
-    from medfinder.index import CaseIndex
+    from .errors import MedFinderError
+    from .index import CaseIndex
 
     if not (Path(index_dir) / "index.json").exists():
         return None
@@ -65,7 +94,7 @@ def _built_with(index_dir: Path) -> str | None:
 
 def demo_index_is_current(index_dir: Path = DEMO_INDEX_DIR, model_dir: Path = DEMO_MODEL_DIR) -> bool:
     """True when a committed demo index is there and was built by the current demo weights."""
-    from medfinder.model import read_fingerprint
+    from .model import read_fingerprint
 
     built_with = _built_with(index_dir)
     return built_with is not None and built_with == read_fingerprint(model_dir)
@@ -76,7 +105,7 @@ def _drop_if_built_by_another_model(index_dir: Path, model_dir: Path) -> None:
     and rebuilt from its seed, so it is removed rather than refused."""
     import shutil
 
-    from medfinder.model import read_fingerprint
+    from .model import read_fingerprint
 
     built_with = _built_with(index_dir)  # None: nothing there, or let the build report what is wrong
     current = read_fingerprint(model_dir)
@@ -90,11 +119,16 @@ def examples_dir(index_dir: Path = DEMO_INDEX_DIR) -> Path:
     return Path(index_dir).parent / f"{Path(index_dir).name}_examples"
 
 
+def bundled_examples() -> dict[str, Path]:
+    """The example CTs that ship with MedFinder (a real abdomen CT), by file name."""
+    return {p.name: p for p in sorted(BUNDLED_EXAMPLES_DIR.glob("*.nii.gz"))}
+
+
 def ensure_demo_examples(index_dir: Path = DEMO_INDEX_DIR) -> dict[str, Path]:
     """Example CTs for the app: the bundled real CT plus a few phantoms generated on first use."""
     import nibabel as nib
 
-    from medfinder.phantoms import generate_case
+    from .phantoms import generate_case
 
     folder = examples_dir(index_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +148,7 @@ def ensure_demo_examples(index_dir: Path = DEMO_INDEX_DIR) -> dict[str, Path]:
             (folder / _SEED_FILE).write_text(str(EXAMPLE_SEED))
         except OSError:
             pass  # a read-only copy, already warned about
-    examples = {p.name: p for p in sorted(BUNDLED_EXAMPLES_DIR.glob("*.nii.gz"))}
+    examples = bundled_examples()
     for p in sorted(folder.glob("phantom_example_*.nii.gz")):
         note = (folder / f"{p.name}.txt")
         label = f"{p.name} (synthetic: {note.read_text()})" if note.exists() else p.name

@@ -64,3 +64,16 @@ class ReportError(MedFinderError):
 
 class ManifestError(MedFinderError):
     """A manifest CSV or dataset folder is missing or malformed."""
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """One sentence for a file-system error, naming the path when the error carries one."""
+    if isinstance(exc, FileNotFoundError):
+        reason = "no such file or folder"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    else:  # e.g. "Not a directory", "No space left on device"
+        reason = str(exc.strerror or exc).rstrip(".")
+        reason = reason[:1].lower() + reason[1:]
+    name = getattr(exc, "filename", None)
+    return f"{name}: {reason}." if name else f"A file could not be read or written: {reason}."

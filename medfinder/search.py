@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import MedFinderError
-from .index import CaseIndex, CaseRecord
-from .volume import Volume, load_volume
+from .index import CaseIndex, StoredCase
+from .index.case_index import served_channels
+from .io.load import load_volume
+from .io.volume import Volume
 
 #: Reciprocal rank fusion constant (Cormack et al. 2009); 60 is the usual choice.
 RRF_K = 60
@@ -51,7 +53,7 @@ class SearchFilters:
         return bool(self.include_findings or self.exclude_findings or self.sex or self.body_part
                     or self.age_min is not None or self.age_max is not None)
 
-    def accepts(self, record: CaseRecord) -> bool:
+    def accepts(self, record: StoredCase) -> bool:
         present = {f["name"] for f in record.findings if f.get("status") == "affirmed"}
         if any(name not in present for name in self.include_findings):
             return False
@@ -161,15 +163,24 @@ class Searcher:
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None,
-             **kwargs: Any) -> "Searcher":
-        """Open an index with its model; a model of another fingerprint is refused by CaseIndex.open."""
-        from .model import MedFinder
+    def open(cls, index_dir: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+             device: str = "auto", **kwargs: Any) -> "Searcher":
+        """Open an index with its model: ``model`` (a folder or a built-in name), else the one the
+        index records. A model of another fingerprint is refused by ``CaseIndex.open``."""
+        from .devices import resolve_device
+        from .model import load_model
 
-        model_path = Path(model_dir) if model_dir else _recorded_model_dir(Path(index_dir))
-        model = MedFinder.from_pretrained(model_path)
-        index = CaseIndex.open(index_dir, fingerprint=model.fingerprint)
-        return cls(index, model, **kwargs)
+        trained = load_model(model if model else _recorded_model(Path(index_dir)))
+        index = CaseIndex.open(index_dir, fingerprint=trained.fingerprint)
+        return cls(index, trained.to(resolve_device(device)), **kwargs)
+
+    def channels(self, kind: str) -> tuple[str, ...]:
+        """The channels this index and model answer for ``kind`` ("text" or "image") queries.
+
+        A model whose projections were never trained against reports (``aligned`` false, as the
+        real-CT tower is) serves no text-to-image or image-to-report score: it would be noise.
+        """
+        return tuple(served_channels(self.index.channels)[kind])
 
     # ------------------------------------------------------------------ queries
     def encode_volume(self, volume: Volume) -> np.ndarray:
@@ -193,15 +204,22 @@ class Searcher:
         filters = _canonical_filters(filters or SearchFilters())
         kind = "text" if image is None else "image"
         allowed = TEXT_CHANNELS if kind == "text" else IMAGE_CHANNELS
-        wanted = tuple(channels) if channels else allowed
+        served = self.channels(kind)
+        wanted = tuple(channels) if channels else served
         unknown = [c for c in wanted if c not in allowed]
         if unknown:
             raise MedFinderError(
                 f"Channel {unknown[0]!r} does not apply to {kind} queries; choose from {', '.join(allowed)}."
             )
+        unserved = [c for c in wanted if c not in served]
+        if unserved:
+            raise MedFinderError(
+                f"The index at {self.index.folder} does not serve the {unserved[0]!r} channel for {kind} queries "
+                f"(its model, {self.model.config.name!r}, is not aligned with text); it serves {', '.join(served)}."
+            )
         query = None
         if kind == "text":
-            from .reports import parse_query
+            from .text.queries import parse_query
 
             query = parse_query(str(text))
             filters = _merge_query_filters(filters, query)
@@ -237,7 +255,7 @@ class Searcher:
 
     def _results(self, fused: list, filters: SearchFilters, k: int, offset: int,
                  query: Any) -> list[SearchResult]:
-        from .reports import highlight
+        from .text.highlight import highlight
 
         # Records are read in fused order, a chunk at a time, until the page is full: reading and
         # decoding every candidate's report and findings from SQLite cost more than the rest of a
@@ -245,7 +263,7 @@ class Searcher:
         # a candidate was deleted meanwhile) is all there is to read.
         wanted = offset + k
         chunk = wanted + 5 if not filters.active else 4 * wanted
-        records: dict[str, CaseRecord] = {}
+        records: dict[str, StoredCase] = {}
         kept: list = []
         start = 0
         while len(kept) < wanted and start < len(fused):
@@ -268,14 +286,14 @@ class Searcher:
             ))
         return results
 
-    def case(self, case_id: str) -> CaseRecord:
+    def case(self, case_id: str) -> StoredCase:
         return self.index.get(case_id)
 
 
-def _stored_report(record: CaseRecord) -> Any:
+def _stored_report(record: StoredCase) -> Any:
     """The report as parsed at indexing time: re-parsing ten reports per query would cost more
     than the whole search (about 5 ms each); falls back to parsing when spans were not stored."""
-    from .reports import Finding, Report, parse_report
+    from .text.reports import Finding, Report, parse_report
 
     if any(f.get("start") is None or f.get("end") is None for f in record.findings):
         return parse_report(record.report)
@@ -305,7 +323,8 @@ def finding_name(name: str) -> str:
     ('reflux') or a qualified phrase ('right pleural effusion') would filter on something
     other than what was typed.
     """
-    from .reports import Lexicon, parse_report
+    from .text.lexicon import Lexicon
+    from .text.reports import parse_report
 
     canonical = Lexicon.default().resolve(name)
     if canonical is not None:
@@ -329,22 +348,18 @@ def _canonical_filters(filters: SearchFilters) -> SearchFilters:
                    exclude_findings=tuple(finding_name(n) for n in filters.exclude_findings))
 
 
-def _recorded_model_dir(index_dir: Path) -> Path:
-    """The model folder recorded in the index; if it has moved, the shipped demo model when it is that model.
+def _recorded_model(index_dir: Path) -> str:
+    """The model the index records: a built-in model's name, or a folder that must still exist here.
 
-    An index copied to another machine records a path that no longer exists there. The demo
-    model is taken in its place only when its fingerprint is the recorded one, so a moved
-    index of another model gets a sentence saying what to pass, not a fingerprint mismatch.
+    An index copied to another machine records a folder that may not exist there; the sentence
+    says which model to pass rather than failing on a fingerprint.
     """
-    from .demo import DEMO_MODEL_DIR
-    from .model import read_fingerprint
+    from .model import BUILTIN_MODELS
 
     info = CaseIndex.read_info(index_dir)["model"]
-    recorded = Path(info["id"])
-    if recorded.is_dir():
+    recorded = str(info["id"])
+    if recorded in BUILTIN_MODELS or Path(recorded).is_dir():
         return recorded
-    if read_fingerprint(DEMO_MODEL_DIR) == info["fingerprint"]:
-        return DEMO_MODEL_DIR
     raise MedFinderError(
         f"The model folder {recorded} that built the case index at {index_dir} does not exist here; "
         f"pass the model folder with fingerprint {info['fingerprint']} (--model)."

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .volume import Volume
+from .io.volume import Volume
 
 #: (window width, window level) in HU.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {

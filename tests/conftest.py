@@ -91,10 +91,10 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_index(tmp_path_factory, tiny_model_dir, tiny_corpus) -> Path:
-    from index_build.build import build_index
-    from medfinder.datasets import read_manifest
+    from medfinder.index.build import build_index
+    from medfinder.io.manifests import read_manifest
 
     out = tmp_path_factory.mktemp("idx") / "index"
-    summary = build_index(read_manifest(tiny_corpus), out, model_dir=tiny_model_dir, progress=False)
+    summary = build_index(read_manifest(tiny_corpus), out, model=tiny_model_dir, progress=False)
     assert summary.added == 12 and not summary.failed
     return out

@@ -77,7 +77,7 @@ def test_index_build_cli_adds_then_skips(tiny_corpus, tiny_model_dir, tmp_path):
     assert again["added"] == 0 and again["skipped_already_indexed"] == 12
 
 
-@pytest.mark.parametrize("command", ["index_build", "medfinder.evaluate", "medfinder.train"])
+@pytest.mark.parametrize("command", ["index_build", "medfinder evaluate", "medfinder.train"])
 def test_workers_do_not_need_shared_memory(command, tiny_corpus, tmp_path):
     """A small /dev/shm (64 MB in a default Docker container) once made loading with workers wait for ever.
 
@@ -89,7 +89,7 @@ def test_workers_do_not_need_shared_memory(command, tiny_corpus, tmp_path):
 
     from medfinder.model import create_model_and_transforms, load_config
 
-    config = load_config("medfinder-tiny")
+    config = load_config("medfinder-tiny").to_dict()
     config["preprocess"]["shape"] = [96, 96, 64]
     torch.manual_seed(0)
     model, _ = create_model_and_transforms(config)
@@ -97,19 +97,20 @@ def test_workers_do_not_need_shared_memory(command, tiny_corpus, tmp_path):
     cap = 2 * 96 * 96 * 64 // 2  # half a volume even as training's cache keeps it, one byte per voxel
     args = {
         "index_build": ["--manifest", str(tiny_corpus), "--out", str(tmp_path / "idx"), "--model", str(model_dir), "--quiet"],
-        "medfinder.evaluate": ["--model", str(model_dir), "--manifest", str(tiny_corpus), "--split", "all", "--json"],
+        "medfinder evaluate": ["--model", str(model_dir), "--manifest", str(tiny_corpus), "--split", "all", "--json"],
         "medfinder.train": ["--manifest", str(tiny_corpus), "--out", str(tmp_path / "trained"), "--init", str(model_dir),
                             "--epochs", "1", "--batch-size", "4"],
     }[command]
     # The cap is set inside the child: preexec_fn is not safe in a parent that runs threads (torch does).
+    module, *subcommand = command.split()
     capped = (f"import resource, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, ({cap}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
-              f"runpy.run_module({command!r}, run_name='__main__', alter_sys=True)")
-    proc = subprocess.run([sys.executable, "-c", capped, *args, "--workers", "1"],
+              f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", capped, *subcommand, *args, "--workers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if command == "index_build":
         assert json.loads(proc.stdout)["added"] == 12
-    elif command == "medfinder.evaluate":
+    elif command == "medfinder evaluate":
         assert json.loads(proc.stdout)["text_to_image"]["n"] >= 1
 
 
@@ -127,6 +128,6 @@ def test_index_build_errors(tmp_path, tiny_model_dir):
     (FileNotFoundError("gone."), "A file could not be read or written: no such file or folder."),
 ])
 def test_a_file_system_error_is_one_sentence_naming_the_path_when_known(error: OSError, sentence: str) -> None:
-    from medfinder.cli_support import os_error_sentence
+    from medfinder.errors import os_error_sentence
 
     assert os_error_sentence(error) == sentence

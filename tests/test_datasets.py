@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from medfinder import datasets
-from medfinder.datasets import (
-    CaseDataset,
-    CaseRecord,
-    collate_cases,
-    read_bimcv_r,
-    read_ct_rate,
-    read_manifest,
-    select_split,
-    split_of,
-)
+from medfinder.io import datasets as io_datasets
+from medfinder.io import manifests
 from medfinder.errors import ManifestError
-from medfinder.preprocess import PreprocessConfig, Preprocessor
+from medfinder.io.datasets import read_bimcv_r, read_ct_rate
+from medfinder.io.manifests import ManifestCase, read_manifest, select_split, split_of
+from medfinder.training.datasets import CaseDataset, collate_cases
+from medfinder.transforms.preprocess import PreprocessConfig, Preprocessor
 
 TINY_PREPROCESS = PreprocessConfig(name="tiny", spacing=(8.0, 8.0, 8.0), shape=(16, 16, 16),
                                    windows=((-1000.0, 200.0), (-160.0, 240.0)))
@@ -72,12 +66,13 @@ def write_tiny_corpus(folder: Path, n: int = 12, extra_rows: list[list[str]] | N
 @pytest.fixture
 def finding_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     names = {"Pleural effusion", "Cardiomegaly"}
-    monkeypatch.setattr(datasets, "known_finding_names", lambda: names)
+    monkeypatch.setattr(manifests, "known_finding_names", lambda: names)
+    monkeypatch.setattr(io_datasets, "known_finding_names", lambda: names)
     return names
 
 
 def _nifti_loader(path: Path):
-    from medfinder.volume import load_volume
+    from medfinder.io.load import load_volume
 
     return load_volume(path)
 
@@ -112,7 +107,7 @@ def test_manifest_label_columns_can_be_named(tmp_path: Path) -> None:
 def test_phantom_finding_names_are_known_labels() -> None:
     from medfinder.phantoms import PHANTOM_FINDINGS
 
-    assert set(PHANTOM_FINDINGS) <= datasets.known_finding_names()
+    assert set(PHANTOM_FINDINGS) <= manifests.known_finding_names()
 
 
 @pytest.mark.parametrize(
@@ -213,7 +208,7 @@ def test_hash_split_is_stable_and_close_to_80_10_10() -> None:
     assert abs(counts["val"] / 4000 - 0.1) < 0.02
     assert abs(counts["test"] / 4000 - 0.1) < 0.02
     assert [split_of(i) for i in ids[:50]] == [split_of(i) for i in ids[:50]]
-    records = [CaseRecord(i, None, "") for i in ids[:200]]
+    records = [ManifestCase(i, None, "") for i in ids[:200]]
     assert sum(len(select_split(records, s)) for s in ("train", "val", "test")) == 200
     assert len(select_split(records, "all")) == 200
 
@@ -261,7 +256,7 @@ def test_a_cached_case_reads_the_same_the_first_time_and_after(tmp_path: Path) -
 
 
 def test_the_cache_keeps_values_outside_the_unit_range() -> None:
-    from medfinder.datasets import pack_for_cache, unpack_from_cache
+    from medfinder.training.datasets import pack_for_cache, unpack_from_cache
 
     windowed = torch.rand(2, 8, 8, 8)
     assert pack_for_cache(windowed).dtype == torch.uint8
@@ -273,7 +268,7 @@ def test_the_cache_keeps_values_outside_the_unit_range() -> None:
 
 
 def test_preload_in_worker_processes_keeps_one_private_copy(tmp_path: Path) -> None:
-    from medfinder.datasets import _Uncached
+    from medfinder.training.datasets import _Uncached
 
     manifest = write_tiny_corpus(tmp_path / "corpus", n=2, extra_rows=[["gone", "images/gone.nii.gz", "x", 0, 0, "F", 1]])
     dataset = CaseDataset(read_manifest(manifest), Preprocessor(TINY_PREPROCESS), loader=_nifti_loader, cache=True)

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medfinder.evaluate import (
+from medfinder.training.evaluate import (
     evaluate_embeddings,
     keyword_precision,
     label_overlap_at_k,
-    main,
     match_ranks,
     precision_at_k,
     retrieval_metrics,
@@ -181,3 +180,10 @@ def test_a_folder_given_as_the_manifest_is_named_as_a_folder_before_any_model_lo
         main(["--model", str(tmp_path / "absent"), "--manifest", str(tmp_path), "--json"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: The manifest {tmp_path} is a folder, not a CSV file."
+
+
+def main(argv: list[str]) -> int:
+    """``python -m medfinder evaluate ARGV`` in this process."""
+    from medfinder.cli import main as cli_main
+
+    return cli_main(argv, command="evaluate")

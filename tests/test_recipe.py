@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-import medfinder.recipe as recipe
 from medfinder import phantoms
-from medfinder.datasets import CaseDataset, CaseRecord, pack_for_cache, split_of, unpack_from_cache
 from medfinder.errors import MedFinderError
+from medfinder.training import recipe
+from medfinder.io.manifests import ManifestCase, split_of
 from medfinder.model import MedFinder, load_config
 from medfinder.phantoms import PHANTOM_FINDINGS, generate_case, phantom_path
+from medfinder.training.datasets import CaseDataset, pack_for_cache, unpack_from_cache
 
 
 def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
@@ -29,7 +30,7 @@ def test_adopted_volumes_are_not_loaded_again(tiny_model_dir: Path) -> None:
         loaded.append(path)
         return phantoms.phantom_volume(path)
 
-    records = [CaseRecord(f"c{i}", phantom_path(11, i), "Normal chest.") for i in range(2)]
+    records = [ManifestCase(f"c{i}", phantom_path(11, i), "Normal chest.") for i in range(2)]
     packed = pack_for_cache(preprocessor(generate_case(11, 0).volume))
     dataset = CaseDataset(records, preprocessor, loader=loader, cache=True)
     assert dataset.adopt({"c0": packed.numpy(), "elsewhere": packed}) == 1
@@ -43,13 +44,13 @@ def two_tiny_candidates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[
     """medfinder-tiny and the same architecture on another grid (the tiny weights fit both), with
     the training phantoms among the first ten of seed 3 painted once for both: the tests below hand
     this painting to the recipe."""
-    config = json.loads((Path(recipe.__file__).parent / "configs" / "medfinder-tiny.json").read_text())
+    config = load_config("medfinder-tiny").to_dict()
     config["name"] = "tiny-coarse"
     config["preprocess"]["spacing"] = [10.0, 10.0, 10.0]
     variant = tmp_path_factory.mktemp("configs") / "tiny-coarse.json"
     variant.write_text(json.dumps(config))
     candidates = ["medfinder-tiny", str(variant)]
-    preprocess = {c: dict(load_config(c)["preprocess"]) for c in candidates}
+    preprocess = {c: dict(load_config(c).to_dict()["preprocess"]) for c in candidates}
     return candidates, recipe.paint_corpus(3, recipe.training_indices(10, 3), preprocess, workers=2)
 
 
@@ -73,7 +74,7 @@ def test_two_candidates_train_side_by_side_on_phantoms_painted_once(two_tiny_can
     # A volume painted again would reach the preprocessor as None and its case would be skipped.
     monkeypatch.setattr(phantoms, "phantom_volume", lambda path: None)
     out = tmp_path / "cycle"
-    assert recipe.main(_cycle_args(candidates, tiny_model_dir, out)) == 0
+    assert cycle_main(_cycle_args(candidates, tiny_model_dir, out)) == 0
     assert asked == [(3, [0, 2, 3, 4, 5, 6, 7, 8, 9])]  # the recipe asks for no test-split phantom
 
     with (out / "manifest.csv").open(newline="") as handle:
@@ -116,7 +117,7 @@ def test_a_candidate_that_fails_in_its_process_is_one_sentence(two_tiny_candidat
     monkeypatch.setattr(recipe, "run_candidate", run_candidate)  # forked children inherit the patch
     out = tmp_path / "cycle"
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(_cycle_args(candidates, tiny_model_dir, out))
+        cycle_main(_cycle_args(candidates, tiny_model_dir, out))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1] == ("error: Training candidate tiny-coarse failed: "
@@ -138,7 +139,7 @@ def test_bad_arguments_are_one_sentence_before_any_painting(args: list[str], sen
     monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: pytest.fail("painted despite a bad argument"))
     base = ["--n", "10", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(base + args)
+        cycle_main(base + args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and sentence in err[0] and err[0].startswith("error: ")
 
@@ -146,12 +147,12 @@ def test_bad_arguments_are_one_sentence_before_any_painting(args: list[str], sen
 def test_a_corpus_larger_than_memory_is_refused_before_painting(tiny_model_dir: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    tiny = dict(load_config("medfinder-tiny")["preprocess"])
+    tiny = dict(load_config("medfinder-tiny").to_dict()["preprocess"])
     assert recipe.painted_bytes(10, {"a": tiny, "b": tiny}) == 10 * 2 * 2 * 16 ** 3  # two windows of 16^3 each
     monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**30))
     monkeypatch.setattr(recipe, "paint_corpus", lambda *a, **k: pytest.fail("painted beyond the memory"))
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(["--n", "200000", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+        cycle_main(["--n", "200000", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     painted = len(recipe.training_indices(200000, 1))  # the test split is not painted
     assert 175000 < painted < 185000
@@ -165,14 +166,20 @@ def test_a_folder_that_holds_an_earlier_cycle_is_refused(tiny_model_dir: Path, t
     out = tmp_path / "cycle"
     (out / "medfinder-tiny").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(["--n", "10", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(out)])
+        cycle_main(["--n", "10", "--seed", "1", "--init", str(tiny_model_dir), "--out", str(out)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: The output folder {out} is not empty; give each cycle a new folder."
 
 
 def test_a_missing_init_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(["--n", "10", "--seed", "1", "--init", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+        cycle_main(["--n", "10", "--seed", "1", "--init", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: The --init model folder {tmp_path / 'absent'} does not exist."
 
+
+def cycle_main(argv: list[str]) -> int:
+    """``python -m medfinder recipe ARGV`` in this process."""
+    from medfinder.cli import main as cli_main
+
+    return cli_main(argv, command="recipe")

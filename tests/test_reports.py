@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from medfinder.errors import CaseIndexError, MedFinderError, ReportError
-from medfinder.keyword_search import KeywordIndex, highlight, highlight_findings, parse_query
-from medfinder.lexicon import Lexicon
-from medfinder.reports import MAX_REPORT_CHARS, decode_report_bytes, parse_report
+from medfinder.index.keywords import KeywordIndex
+from medfinder.text.highlight import highlight, highlight_findings
+from medfinder.text.lexicon import Lexicon
+from medfinder.text.queries import parse_query
+from medfinder.text.reports import MAX_REPORT_CHARS, decode_report_bytes, parse_report
 
 SHARED_REPORTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "reports" / "ctrate_reports_train.csv"
 CT_RATE_LABELS = [

@@ -42,9 +42,9 @@ def test_weighted_sum_fusion_and_unknown_method():
 
 
 def test_filters():
-    from medfinder.index import CaseRecord
+    from medfinder.index import StoredCase
 
-    record = CaseRecord(case_id="x", label=0, report="", source="", shape=None, spacing=None, channels=(),
+    record = StoredCase(case_id="x", label=0, report="", source="", shape=None, spacing=None, channels=(),
                         findings=[{"name": "Pleural effusion", "status": "affirmed"},
                                   {"name": "Cardiomegaly", "status": "negated"}],
                         metadata={"sex": "F", "age": 71})
@@ -102,7 +102,7 @@ def test_exclusion_in_query_and_filters(searcher, tiny_corpus):
 
 def test_filter_names_are_resolved_or_refused(searcher, tiny_index, capsys):
     from medfinder.cli import main
-    from medfinder.cli_support import run_guarded
+    from medfinder.cli.support import run_guarded
 
     exact = searcher.search(text="heart", k=12, filters=SearchFilters(include_findings=("Pleural effusion",)))
     assert exact  # the tiny corpus has effusions
@@ -162,11 +162,11 @@ def test_other_model_is_refused(tiny_index, tmp_path):
         Searcher.open(tiny_index, other.save_pretrained(tmp_path / "other"))
 
 
-def test_a_moved_index_finds_its_model_or_says_what_to_pass(tiny_index, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_moved_index_says_which_model_to_pass(tiny_index, tiny_model_dir, tmp_path, monkeypatch, capsys):
     import json
 
     from medfinder.cli import main
-    from medfinder.cli_support import run_guarded
+    from medfinder.cli.support import run_guarded
 
     moved = tmp_path / "moved_index"
     shutil.copytree(tiny_index, moved)
@@ -174,7 +174,8 @@ def test_a_moved_index_finds_its_model_or_says_what_to_pass(tiny_index, tiny_mod
     info["model"]["id"] = str(tmp_path / "elsewhere" / "model")  # the folder it was built with is gone
     (moved / "index.json").write_text(json.dumps(info))
 
-    # The shipped demo model is another model: one sentence naming the missing folder, CLI exit 2.
+    # One sentence naming the missing folder, CLI exit 2; the demo model is never taken in its place.
+    monkeypatch.setattr("medfinder.demo.DEMO_MODEL_DIR", tiny_model_dir)
     with pytest.raises(MedFinderError, match=r"elsewhere/model that built the case index .* does not exist here"):
         Searcher.open(moved)
     with pytest.raises(SystemExit) as exit_info:
@@ -182,16 +183,15 @@ def test_a_moved_index_finds_its_model_or_says_what_to_pass(tiny_index, tiny_mod
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "(--model)" in err[0]
 
-    # When the shipped model is the one that built it (a demo index copied elsewhere), it is used.
-    monkeypatch.setattr("medfinder.demo.DEMO_MODEL_DIR", tiny_model_dir)
-    assert Searcher.open(moved).search(text="pleural effusion", k=3)
+    # Given the model, the moved index is searched.
+    assert Searcher.open(moved, tiny_model_dir).search(text="pleural effusion", k=3)
 
 
 # ------------------------------------------------------------------ index_build
 def test_build_resumes_after_failure_and_skips_done_cases(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
-    from index_build import build as build_module
-    from medfinder.datasets import read_manifest
+    from medfinder.index import build as build_module
     from medfinder.index import CaseIndex
+    from medfinder.io.manifests import read_manifest
 
     records = read_manifest(tiny_corpus)
     out = tmp_path / "index"
@@ -206,21 +206,21 @@ def test_build_resumes_after_failure_and_skips_done_cases(tiny_model_dir, tiny_c
 
     monkeypatch.setattr(CaseIndex, "add", failing_add)
     with pytest.raises(RuntimeError):
-        build_module.build_index(records, out, model_dir=tiny_model_dir, batch_size=4, commit_every_s=0.0,
+        build_module.build_index(records, out, model=tiny_model_dir, batch_size=4, commit_every_s=0.0,
                                  progress=False)
     monkeypatch.setattr(CaseIndex, "add", real_add)
     with CaseIndex.open(out) as index:
         assert len(index) == 4  # the first batch was committed before the crash
-    summary = build_module.build_index(records, out, model_dir=tiny_model_dir, batch_size=4, progress=False)
+    summary = build_module.build_index(records, out, model=tiny_model_dir, batch_size=4, progress=False)
     assert summary.skipped_done == 4 and summary.added == 8
     with CaseIndex.open(out) as index:
         assert index.case_ids() == {r.case_id for r in records}
 
 
 def test_build_keeps_extra_columns_and_finds_scans_from_any_folder(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
-    from index_build.build import build_index
-    from medfinder.datasets import read_manifest
     from medfinder.index import CaseIndex
+    from medfinder.index.build import build_index
+    from medfinder.io.manifests import read_manifest
 
     first = next(iter(_labels(tiny_corpus).values()))
     (tmp_path / "images").mkdir()
@@ -231,7 +231,7 @@ def test_build_keeps_extra_columns_and_finds_scans_from_any_folder(tiny_model_di
         "a,images/a.nii.gz,Right pleural effusion.,F,64,north,CT-7,Jane Doe,H123456,1950-02-03,JD,0042,"
         "/pacs/DOE^JANE/CT1,AB1 2CD,9434765919,S-17,seen by Dr Fake\n")
     monkeypatch.chdir(tmp_path)
-    build_index(read_manifest(Path("manifest.csv")), tmp_path / "idx", model_dir=tiny_model_dir, progress=False)
+    build_index(read_manifest(Path("manifest.csv")), tmp_path / "idx", model=tiny_model_dir, progress=False)
     monkeypatch.chdir(tmp_path.parent)  # the app runs elsewhere
     with CaseIndex.open(tmp_path / "idx") as index:
         case = index.get("a")
@@ -240,17 +240,17 @@ def test_build_keeps_extra_columns_and_finds_scans_from_any_folder(tiny_model_di
 
 
 def test_build_logs_and_counts_broken_cases(tiny_model_dir, tiny_corpus, tmp_path):
-    from index_build.build import build_index
-    from medfinder.datasets import CaseRecord
+    from medfinder.index.build import build_index
+    from medfinder.io.manifests import ManifestCase
 
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
     records = [
-        CaseRecord("ok", tiny_corpus.parent / next(iter(_labels(tiny_corpus).values()))["image"], "No effusion."),
-        CaseRecord("broken", tmp_path / "broken.nii.gz", "Right pleural effusion."),
-        CaseRecord("missing", tmp_path / "absent.nii.gz", ""),
-        CaseRecord("report-only", None, "Small left pleural effusion."),
+        ManifestCase("ok", tiny_corpus.parent / next(iter(_labels(tiny_corpus).values()))["image"], "No effusion."),
+        ManifestCase("broken", tmp_path / "broken.nii.gz", "Right pleural effusion."),
+        ManifestCase("missing", tmp_path / "absent.nii.gz", ""),
+        ManifestCase("report-only", None, "Small left pleural effusion."),
     ]
-    summary = build_index(records, tmp_path / "idx", model_dir=tiny_model_dir, progress=False)
+    summary = build_index(records, tmp_path / "idx", model=tiny_model_dir, progress=False)
     assert summary.added == 2 and set(summary.failed) == {"broken", "missing"}
     assert "broken.nii.gz" in summary.failed["broken"]
 
@@ -259,18 +259,18 @@ def test_an_index_stores_each_scan_with_its_models_test_time_views(tiny_model_di
     """index_build stores the views-averaged vector; a query scan is encoded without views."""
     import torch
 
-    from index_build.build import build_index
-    from medfinder.datasets import read_manifest
+    from medfinder.index.build import build_index
+    from medfinder.io.load import load_volume
+    from medfinder.io.manifests import read_manifest
     from medfinder.model import MedFinder
-    from medfinder.volume import load_volume
 
     tiny = MedFinder.from_pretrained(tiny_model_dir)
-    config = dict(tiny.config, test_time_augmentation={"views": 3, "seed": 1})
+    config = dict(tiny.config.to_dict(), test_time_augmentation={"views": 3, "seed": 1})
     model = MedFinder(config)
     model.load_state_dict(tiny.state_dict())
     model_dir = model.eval().save_pretrained(tmp_path / "model")
     records = read_manifest(tiny_corpus)[:6]
-    build_index(records, tmp_path / "idx", model_dir=model_dir, progress=False)
+    build_index(records, tmp_path / "idx", model=model_dir, progress=False)
     searcher = Searcher.open(tmp_path / "idx", model_dir)
     x = searcher.preprocessor(load_volume(records[4].image)).unsqueeze(0)
     stored = model.encode_image(x, test_time_augmentation=True)[0].numpy()

@@ -11,23 +11,25 @@ import torch
 from conftest import file_size_limit
 from test_datasets import write_tiny_corpus
 
-from medfinder.augment import augment_volumes
-from medfinder.datasets import CaseDataset, CaseRecord, read_manifest, split_of
-from medfinder.evaluate import finding_names_of
-from medfinder.model import MedFinder, split_sentences
-from medfinder.train import (
+from medfinder.cli import main as cli_main
+from medfinder.io.manifests import ManifestCase, read_manifest, split_of
+from medfinder.model import MedFinder
+from medfinder.text.sentences import split_sentences
+from medfinder.training.datasets import CaseDataset
+from medfinder.training.evaluate import finding_names_of
+from medfinder.training.train import (
     CHECKPOINT_DIR,
     LOG_FILE,
     STATE_FILE,
     TrainSettings,
     _masked_bce,
     label_pos_weight,
-    main,
     sample_report,
     train,
     validation_label_auc,
     validation_recall,
 )
+from medfinder.transforms.augment import augment_volumes
 
 
 @pytest.mark.parametrize("rotate, scale", [(6.0, 0.05), (0.0, 0.0)], ids=["affine", "shift"])
@@ -190,8 +192,8 @@ def test_validation_reports_single_finding_precision_against_images_only(tmp_pat
     # report matching with keyword precision.
     import numpy as np
 
-    from medfinder.evaluate import embed_cases, keyword_precision
     from medfinder.model import create_model_and_transforms
+    from medfinder.training.evaluate import embed_cases, keyword_precision
 
     records = read_manifest(write_tiny_corpus(tmp_path / "corpus", n=8))
     names = finding_names_of(records)
@@ -218,7 +220,7 @@ def test_locked_image_stage_fixes_the_centres_after_warmup(tmp_path: Path) -> No
 
     manifest = write_tiny_corpus(tmp_path / "corpus", n=14)
     config = tmp_path / "tiny-centred.json"
-    config.write_text(json.dumps({**load_config("medfinder-tiny"), "centering": True}))
+    config.write_text(json.dumps({**load_config("medfinder-tiny").to_dict(), "centering": True}))
     stage1 = tmp_path / "stage1"
     train(TrainSettings(manifest=str(manifest), out=str(stage1), config=str(config), epochs=1,
                         batch_size=4, max_steps=2, label_head_weight=1.0, contrastive_weight=0.0))
@@ -235,7 +237,7 @@ def test_locked_image_stage_fixes_the_centres_after_warmup(tmp_path: Path) -> No
 
 def test_label_balance_weighs_the_positives_of_rare_findings() -> None:
     # 2 of 10 cases show a hernia; 3 of the 9 that state effusion show it; nobody has a mass.
-    records = [CaseRecord(case_id=str(i), image=None, report="",
+    records = [ManifestCase(case_id=str(i), image=None, report="",
                           labels={"Hiatal hernia": int(i < 2), "Lung mass": 0, **({"Pleural effusion": int(i < 4)} if i else {})})
                for i in range(10)]
     names = ["Hiatal hernia", "Pleural effusion", "Lung mass"]
@@ -266,7 +268,7 @@ def test_lock_image_without_init_is_refused(tmp_path: Path, capsys: pytest.Captu
 
 def test_several_manifests_are_joined_and_a_repeated_case_id_is_named(tmp_path: Path) -> None:
     from medfinder.errors import MedFinderError
-    from medfinder.train import read_manifests
+    from medfinder.training.train import read_manifests
 
     a = write_tiny_corpus(tmp_path / "a", n=3)
     b = tmp_path / "b.csv"
@@ -280,7 +282,7 @@ def test_several_manifests_are_joined_and_a_repeated_case_id_is_named(tmp_path: 
 def test_roc_auc_on_known_rankings() -> None:
     import numpy as np
 
-    from medfinder.train import roc_auc
+    from medfinder.training.train import roc_auc
 
     labels = np.array([1, 1, 0, 0, 0])
     assert roc_auc(np.array([0.9, 0.8, 0.3, 0.2, 0.1]), labels) == 1.0
@@ -313,7 +315,7 @@ def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
     stage1 = tmp_path / "stage1"
     train(TrainSettings(manifest=str(manifest), out=str(stage1), config="medfinder-tiny", epochs=1,
                         batch_size=4, max_steps=1, label_head_weight=1.0, contrastive_weight=0.0))
-    tiny = load_config("medfinder-tiny")
+    tiny = load_config("medfinder-tiny").to_dict()
     windows = [[-1000.0, 200.0]] * len(tiny["preprocess"]["windows"])
     rewindowed = {**tiny, "preprocess": {**tiny["preprocess"], "windows": windows, "peak_windows": [0]}}
     config = tmp_path / "rewindowed.json"
@@ -324,7 +326,7 @@ def test_init_weights_in_a_new_preprocessing_config(tmp_path: Path) -> None:
     continued, start = MedFinder.from_pretrained(out / CHECKPOINT_DIR), MedFinder.from_pretrained(stage1)
     assert continued.preprocess_config.peak_windows == (0,)
     assert continued.preprocess_config.windows[0] == (-1000.0, 200.0)
-    fresh = MedFinder(load_config(str(config))).image.state_dict()
+    fresh = MedFinder(load_config(str(config)).to_dict()).image.state_dict()
     weights = [k for k, v in start.image.state_dict().items() if v.is_floating_point() and "running" not in k]
     moved = sum(float((continued.image.state_dict()[k] - start.image.state_dict()[k]).abs().sum()) for k in weights)
     apart = sum(float((fresh[k] - start.image.state_dict()[k]).abs().sum()) for k in weights)
@@ -351,3 +353,8 @@ def test_a_bad_argument_is_one_sentence_not_a_usage_block(tmp_path: Path, capsys
         main(["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m"), "--epochs", "many"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.count("\n") == 0 and "--epochs" in err and "usage:" not in err
+
+
+def main(argv: list[str]) -> int:
+    """``python -m medfinder train ARGV`` in this process."""
+    return cli_main(argv, command="train")

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfinder.viewer import WINDOW_PRESETS, apply_window, key_slice_index, render_slice, slice_pixels, thumbnail_png
-from medfinder.volume import volume_from_array
+from medfinder.io.volume import volume_from_array
+from medfinder.viewer import (
+    WINDOW_PRESETS,
+    apply_window,
+    key_slice_index,
+    render_slice,
+    slice_pixels,
+    thumbnail_png,
+)
 
 
 def _marked_volume(spacing=(1.0, 1.0, 1.0)):

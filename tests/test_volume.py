@@ -14,12 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from medfinder import errors
-from medfinder.volume import load_volume, volume_from_array
-
 from conftest import copy_dicom_series, write_nifti
 from dicom_factory import FAKE_PHI, write_series, write_structured_report
+
+from medfinder import errors
+from medfinder.io.load import load_volume
+from medfinder.io.volume import volume_from_array
 
 
 def _body_like(shape=(24, 20, 16)) -> np.ndarray:

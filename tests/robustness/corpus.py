@@ -14,10 +14,9 @@ from typing import Callable
 
 import nibabel as nib
 import numpy as np
+from dicom_factory import write_series, write_structured_report
 
 from medfinder import errors
-
-from dicom_factory import write_series, write_structured_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

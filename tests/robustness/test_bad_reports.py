@@ -72,7 +72,7 @@ def test_html_report_is_shown_as_text_in_the_app(tmp_path):
     """The report pane receives (text, label) pairs; Gradio's HighlightedText renders them as text nodes."""
     import gradio as gr
 
-    from medfinder.keyword_search import highlight_findings
+    from medfinder.text.highlight import highlight_findings
 
     spans = highlight_findings(HTML_REPORT)
     assert any(label for _, label in spans)  # the effusion is marked

@@ -22,24 +22,39 @@ def _build(manifest: Path, out: Path, model: Path) -> subprocess.Popen:
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_sigkill_at_random_points_then_rerun_gives_every_case_once(tiny_corpus, tiny_model_dir, tmp_path):
+def _committed(out: Path) -> int:
+    """Cases in the last committed generation (index.json is replaced atomically, so it is whole)."""
+    try:
+        return CaseIndex.read_info(out)["counts"]["cases"]
+    except CaseIndexError:
+        return 0
+
+
+def test_sigkill_mid_build_then_rerun_gives_every_case_once(tiny_corpus, tiny_model_dir, tmp_path):
+    """Each run is killed just after one of its commits lands (at a random moment after it), so the
+    kills fall between the first and the last commit of the build, and the re-runs must finish it."""
     out = tmp_path / "index"
     rng = random.Random(2026)
-    seen_counts = []
+    seen_counts, mid_build_kills = [], 0
     for _ in range(5):
+        before = _committed(out)
         proc = _build(tiny_corpus, out, tiny_model_dir)
-        # The build of the 12 tiny cases takes a few seconds after start-up; kill anywhere in it.
-        deadline = time.monotonic() + rng.uniform(2.0, 9.0)
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        while proc.poll() is None and _committed(out) == before:
+            time.sleep(0.01)
         if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.3))
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        if (out / "index.json").exists():
-            # Whatever was committed before the kill opens cleanly, checksums and all.
-            with CaseIndex.open(out) as index:
-                seen_counts.append(len(index))
-                assert len(index.case_ids()) == len(index)
+        after = _committed(out)
+        if proc.returncode == -signal.SIGKILL and 0 < after < 12:
+            mid_build_kills += 1
+        # Whatever was committed before the kill opens cleanly, checksums and all.
+        with CaseIndex.open(out) as index:
+            seen_counts.append(len(index))
+            assert len(index.case_ids()) == len(index)
+        if after == 12:
+            break
+    assert mid_build_kills >= 1, seen_counts  # a kill that landed between the first and the last commit
     final = _build(tiny_corpus, out, tiny_model_dir)
     assert final.wait(timeout=300) == 0, final.stderr.read().decode()
     with CaseIndex.open(out) as index:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medfinder.errors import VolumeError
-from medfinder.volume import load_volume
+from medfinder.io.load import load_volume
 
 from .corpus import CORPUS
 

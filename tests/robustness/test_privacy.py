@@ -70,7 +70,7 @@ def test_headers_are_deidentified_before_the_allow_list_reads_them(tmp_path):
     """Defence in depth: even a field that names a person or sits in a private tag is gone."""
     import pydicom
 
-    from medfinder.deidentify import deidentified_header
+    from medfinder.io.deidentify import deidentified_header
 
     path = write_series(tmp_path / "s", n=2)[0]
     ds = pydicom.dcmread(path)
@@ -91,8 +91,9 @@ def test_headers_are_deidentified_before_the_allow_list_reads_them(tmp_path):
 
 
 def test_loaded_volume_metadata_comes_from_the_deidentified_header(tmp_path, monkeypatch):
-    import medfinder.deidentify as deid
-    from medfinder.volume import load_volume
+    from medfinder.io import deidentify as deid
+
+    from medfinder.io.load import load_volume
 
     seen = []
     original = deid.deidentified_header
