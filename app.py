@@ -39,8 +39,9 @@ EXAMPLE_QUERIES = [
 MAX_UPLOAD = "1gb"
 CSS = """
 .viewer img {background:#000;}
-#query-view img {height:420px; width:100%; object-fit:contain; display:block;}
-#query-view .empty-view {height:420px; display:flex; align-items:center; justify-content:center; color:#888;}
+#query-view img {height:360px; width:100%; object-fit:contain; display:block;}
+#query-view .empty-view {height:360px; display:flex; align-items:center; justify-content:center; color:#888;}
+#scores th {white-space:normal; word-break:normal; overflow-wrap:normal; hyphens:none; line-height:1.25;}
 .viewer {background:#111 !important; border-radius:8px;}
 #banner {border-left:4px solid #f9a825; padding-left:8px;}
 .gradio-container {font-size:15px;}
@@ -59,11 +60,15 @@ def build_app(service: Service) -> gr.Blocks:
                    analytics_enabled=False) as demo:
         query_volume = gr.State(None)
         last_query = gr.State(None)
-        result_volume = gr.State(None)
         results_state = gr.State([])
+        selected = gr.State(0)
+        case_volume = gr.State(None)
+        focus = gr.State(None)
+        shown = gr.State(DEFAULT_K)
 
         gr.Markdown("# MedFinder — similar-case search for 3D CT")
         gr.Markdown(BANNER if service.settings.is_demo else REAL_INDEX_BANNER, elem_id="banner")
+        gr.Markdown(service.describe(), elem_id="index-info")
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Tab("Search by findings or symptoms"):
@@ -87,64 +92,79 @@ def build_app(service: Service) -> gr.Blocks:
                     mode = gr.Radio(["Similar cases", "Matching reports"], value="Similar cases", label="Find")
                     image_button = gr.Button("Load and search", variant="primary", elem_id="image-search")
                 volume_info = gr.Markdown(elem_id="volume-info")
+                query_view = gr.HTML(views.inline(None), label="Query CT", show_label=True, container=True,
+                                     elem_classes="viewer", elem_id="query-view", visible=False)
             with gr.Column(scale=3):
                 with gr.Row():
-                    plane = gr.Radio(list(PLANES), value="axial", label="Plane")
+                    plane = gr.Radio(list(PLANES), value="axial", label="Plane of the slice slider")
                     preset = gr.Dropdown(list(WINDOW_PRESETS), value="lung", label="Window preset")
+                    show = gr.Checkbox(value=True, label="Show evidence", elem_id="show-evidence")
                 with gr.Row():
                     window = gr.Slider(1, 4000, value=1500, step=1, label="Window width (HU)")
                     level = gr.Slider(-1200, 1200, value=-600, step=1, label="Window level (HU)")
-                position = gr.Slider(0, 1, value=0.5, step=0.005, label="Slice position (linked)", elem_id="slice")
-                with gr.Row():
-                    query_view = gr.HTML(views.inline(None), label="Query CT", show_label=True, container=True,
-                                         elem_classes="viewer", elem_id="query-view")
-                    result_view = gr.Image(label="Selected case", format="png", type="pil", interactive=False,
-                                           elem_classes="viewer", elem_id="result-view", height=420)
+                position = gr.Slider(0, 1, value=0.5, step=0.005, label="Slice position (query and case, linked)",
+                                     elem_id="slice")
+                case_view = gr.Image(label="Selected case: axial, coronal, sagittal through its best evidence",
+                                     format="png", type="pil", interactive=False, elem_classes="viewer",
+                                     elem_id="result-view", height=340)
+                case_focus = gr.Markdown(elem_id="case-focus")
         gr.Markdown("## Similar cases")
-        gallery = gr.Gallery(label="Ranked cases (select one to compare)", columns=5, height=330,
+        gallery = gr.Gallery(label="Ranked cases (select one to open it)", columns=5, height=330,
                              format="png", elem_id="results", allow_preview=False)
         more = gr.Button("More results")
-        shown = gr.State(DEFAULT_K)
         with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=1):
                 details = gr.Markdown()
-                report = gr.HighlightedText(label="Report (green: matches the query; grey: mentioned as absent)",
-                                            color_map=views.HIGHLIGHT_COLORS, combine_adjacent=False, show_legend=True,
-                                            elem_id="report")
-            with gr.Column(scale=2):
+                report = gr.HighlightedText(label="Report (green: matches the query; grey: absent; click a finding to "
+                                                  "see it)", color_map=views.HIGHLIGHT_COLORS, combine_adjacent=False,
+                                            show_legend=True, elem_id="report", interactive=False)
+            with gr.Column(scale=1):
                 table = gr.Dataframe(headers=views.TABLE_HEADERS, label="Per-channel scores", interactive=False,
-                                     wrap=True)
+                                     wrap=True, elem_id="scores", column_widths=["8%", "22%", "14%", "14%", "14%", "12%", "16%"])
+                gr.Markdown(views.ORDER_NOTE, elem_id="order-note")
 
-        view_inputs = [plane, position, window, level]
-        for control in view_inputs:
-            control.input(handlers.redraw, [query_volume, result_volume, *view_inputs], [query_view, result_view],
-                          show_progress="hidden", api_visibility="private")
-        plane.change(handlers.redraw, [query_volume, result_volume, *view_inputs], [query_view, result_view],
-                     show_progress="hidden", api_visibility="private")
-        preset.change(handlers.set_preset, [preset, query_volume, result_volume, plane, position],
-                      [window, level, query_view, result_view], api_visibility="private")
+        case_outputs = [selected, case_volume, focus, case_view, case_focus, details, report, position]
+        search_outputs = [results_state, gallery, table, shown, last_query, query_view, *case_outputs]
+        view = [plane, window, level, show]
 
-        text_outputs = [results_state, gallery, table, details, report, shown, result_volume, result_view, last_query]
-        text_inputs = [query, include, exclude, sex, age_min, age_max, result_volume, *view_inputs]
-        text_button.click(handlers.on_text, text_inputs, text_outputs, api_visibility="private")
-        query.submit(handlers.on_text, text_inputs, text_outputs, api_visibility="private")
-        image_button.click(handlers.on_image, [upload, example, mode, query_volume, *view_inputs],
-                           [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
-                            shown, last_query, upload, example], api_visibility="private", **CT_QUEUE)
-        gallery.select(handlers.on_select, [results_state, *view_inputs], [result_volume, details, report, result_view],
-                       api_visibility="private")
-        more.click(handlers.on_more, [last_query, query_volume, *text_inputs, shown], text_outputs,
-                   api_visibility="private")
+        redraw_inputs = [query_volume, case_volume, focus, results_state, selected, plane, position, window, level, show]
+        redraw_outputs = [query_view, focus, case_view, case_focus]
+        for control in (position, window, level):
+            control.input(handlers.redraw, redraw_inputs, redraw_outputs, show_progress="hidden",
+                          api_visibility="private")
+        show.change(handlers.redraw, redraw_inputs, redraw_outputs, show_progress="hidden", api_visibility="private")
+        plane.change(handlers.on_plane, [query_volume, case_volume, focus, plane, position, window, level],
+                     [position, query_view], show_progress="hidden", api_visibility="private")
+        preset.change(handlers.set_preset, [preset], [window, level], api_visibility="private").then(
+            handlers.redraw, redraw_inputs, redraw_outputs, show_progress="hidden", api_visibility="private")
+
+        text_inputs = [query, include, exclude, sex, age_min, age_max, *view]
+        for trigger in (text_button.click, query.submit):
+            trigger(handlers.on_text, text_inputs, search_outputs, api_visibility="private").then(
+                handlers.evidence_thumbnails, [results_state], [gallery], show_progress="hidden",
+                api_visibility="private")
+        image_button.click(handlers.on_image, [upload, example, mode, query_volume, plane, position, window, level, show],
+                           [query_volume, volume_info, upload, example, *search_outputs], api_visibility="private",
+                           **CT_QUEUE).then(handlers.evidence_thumbnails, [results_state], [gallery],
+                                            show_progress="hidden", api_visibility="private", **CT_QUEUE)
+        gallery.select(handlers.on_select, [results_state, *view], case_outputs, api_visibility="private")
+        report.select(handlers.on_report_select, [results_state, selected, case_volume, focus, *view],
+                      [focus, case_view, case_focus, position], api_visibility="private")
+        more.click(handlers.on_more, [last_query, query_volume, *text_inputs, shown], search_outputs,
+                   api_visibility="private").then(handlers.evidence_thumbnails, [results_state], [gallery],
+                                                  show_progress="hidden", api_visibility="private")
 
         # The stable API for gradio_client (documented in the README).
         api_k = gr.Number(value=DEFAULT_K, visible=False)
+        api_evidence = gr.Checkbox(value=False, visible=False)
         api_out = gr.JSON(visible=False)
         api_file = gr.File(visible=False)
         api_mode = gr.Textbox(value="Similar cases", visible=False)
         api_case = gr.Textbox(visible=False)
-        gr.Button(visible=False).click(handlers.search_text, [query, include, exclude, sex, age_min, age_max, api_k],
+        gr.Button(visible=False).click(handlers.search_text,
+                                       [query, include, exclude, sex, age_min, age_max, api_k, api_evidence],
                                        api_out, api_name="search_text")
-        gr.Button(visible=False).click(handlers.search_image, [api_file, api_mode, api_k], api_out,
+        gr.Button(visible=False).click(handlers.search_image, [api_file, api_mode, api_k, api_evidence], api_out,
                                        api_name="search_image", **CT_QUEUE)
         gr.Button(visible=False).click(handlers.case_details, [api_case], api_out, api_name="case_details")
 

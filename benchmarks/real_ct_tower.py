@@ -45,6 +45,7 @@ REAL = {"abdomen_crop": REPO / "tests/data/abdomen_ct_crop.nii.gz", "abdomen_dic
 #: Input grids of the real-CT tower: Merlin's full size, and the cheaper sizes compared with it.
 SIZES = {
     "full": ((1.5, 1.5, 3.0), (224, 224, 160)),
+    "mid": ((2.1, 2.1, 4.3), (160, 160, 112)),
     "half": ((3.0, 3.0, 6.0), (112, 112, 80)),
     "chosen": None,  # the bundled ct-i3resnet152 config's
 }

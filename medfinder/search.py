@@ -12,6 +12,8 @@ scales (benchmarks/fusion_compare.py compares it with a weighted sum of scores).
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import MedFinderError
+from .evidence import DEFAULT_METHOD, Evidence
 from .index import CaseIndex, StoredCase
 from .index.case_index import served_channels
 from .io.load import load_volume
@@ -35,6 +38,10 @@ IMAGE_CHANNELS = ("image", "report")
 _INDEX_CHANNEL = {("text", "text"): "report_text", ("text", "image"): "image",
                   ("image", "image"): "image", ("image", "report"): "report"}
 DEFAULT_WEIGHTS = {"keyword": 1.0, "text": 0.5, "image": 1.0, "report": 1.0}
+#: Cases whose evidence a Searcher keeps (per query), so the app's selected case is computed once.
+EVIDENCE_CACHE = 256
+#: Case scans a Searcher keeps loaded (a real CT is 100-200 MB), for the viewer and evidence.
+VOLUME_CACHE = 4
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,26 @@ class SearchFilters:
         return True
 
 
+@dataclass(frozen=True, eq=False)
+class QueryTarget:
+    """What a search looked for, as evidence needs it.
+
+    Args:
+        kind: "text" or "image".
+        vector: a CT query's vector in the space of the index's image channel.
+        text: a text query as typed (its joint-space vector is made when evidence needs it).
+        findings: the findings a text query names (its report evidence looks for these).
+    """
+
+    kind: str
+    vector: np.ndarray | None = None
+    text: str | None = None
+    findings: tuple[str, ...] = ()
+
+    def key(self) -> tuple:
+        return (self.kind, None if self.vector is None else self.vector.tobytes(), self.text, self.findings)
+
+
 @dataclass(frozen=True)
 class ChannelHit:
     score: float
@@ -98,6 +125,11 @@ class SearchResult:
     shape: tuple[int, ...] | None
     spacing: tuple[float, ...] | None
     thumbnail_png: bytes | None = field(default=None, repr=False)
+    #: Where in the case's scan the match lies, best first (``search(..., evidence=True)`` or
+    #: ``Searcher.evidence``); None until asked for.
+    evidence: list[Evidence] | None = None
+    #: What was searched for, so that evidence can be asked for later.
+    query: QueryTarget | None = field(default=None, repr=False, compare=False)
 
     def present_findings(self) -> list[str]:
         return sorted({f["name"] for f in self.findings if f.get("status") == "affirmed"})
@@ -112,6 +144,7 @@ class SearchResult:
             "metadata": self.metadata,
             "report": self.report,
             "highlights": [[text, label] for text, label in self.highlights],
+            **({"evidence": [e.to_json() for e in self.evidence]} if self.evidence is not None else {}),
         }
 
 
@@ -155,12 +188,16 @@ class Searcher:
     """
 
     def __init__(self, index: CaseIndex, model: Any, fusion: str = "rrf",
-                 weights: dict[str, float] | None = None) -> None:
+                 weights: dict[str, float] | None = None, evidence_method: str = DEFAULT_METHOD) -> None:
         self.index = index
         self.model = model
         self.preprocessor = model.make_preprocessor()
         self.fusion = fusion
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.evidence_method = evidence_method
+        self._evidence_cache: OrderedDict[tuple, list[Evidence]] = OrderedDict()
+        self._evidence_lock = threading.Lock()
+        self._volumes: OrderedDict[str, Volume] = OrderedDict()
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
@@ -195,8 +232,13 @@ class Searcher:
         channels: Sequence[str] | None = None,
         filters: SearchFilters | None = None,
         offset: int = 0,
+        evidence: bool = False,
     ) -> list[SearchResult]:
-        """Ranked cases for a text query or an image query (exactly one of them)."""
+        """Ranked cases for a text query or an image query (exactly one of them).
+
+        ``evidence``: also say where in each result's scan the match lies (``SearchResult.evidence``);
+        it loads and runs the model on each shown case, so it is off unless asked for.
+        """
         if (text is None or not str(text).strip()) == (image is None):
             raise MedFinderError("Give either a text query or an image to search with, not both or neither.")
         if k < 1:
@@ -224,12 +266,17 @@ class Searcher:
             query = parse_query(str(text))
             filters = _merge_query_filters(filters, query)
         n_candidates = max((offset + k) * CANDIDATE_FACTOR * (4 if filters.active else 1), MIN_CANDIDATES)
-        rankings = self._rankings(kind, text, image, wanted, n_candidates, query)
+        rankings, target = self._rankings(kind, text, image, wanted, n_candidates, query)
         fused = fuse_rankings(rankings, self.weights, self.fusion)
-        return self._results(fused, filters, k, offset, query)
+        results = self._results(fused, filters, k, offset, query)
+        for r in results:
+            r.query = target
+            if evidence:
+                r.evidence = self.evidence(r)
+        return results
 
     def _rankings(self, kind: str, text: str | None, image: Any, wanted: Sequence[str], n: int,
-                  query: Any) -> dict[str, list[tuple[str, float]]]:
+                  query: Any) -> tuple[dict[str, list[tuple[str, float]]], QueryTarget]:
         available = self.index.channels
         rankings: dict[str, list[tuple[str, float]]] = {}
         if kind == "text":
@@ -244,14 +291,15 @@ class Searcher:
                     rankings["text"] = self.index.query("report_text", raw, n)
                 if needs_image:
                     rankings["image"] = self.index.query("image", joint, n)
-        else:
-            volume = image if isinstance(image, Volume) else load_volume(image)
-            vec = self.encode_volume(volume)
-            for channel in wanted:
-                index_channel = _INDEX_CHANNEL[("image", channel)]
-                if index_channel in available:
-                    rankings[channel] = self.index.query(index_channel, vec, n)
-        return rankings
+            named = tuple(getattr(query, "include_findings", ()) or ())
+            return rankings, QueryTarget("text", text=text, findings=named)
+        volume = image if isinstance(image, Volume) else load_volume(image)
+        vec = self.encode_volume(volume)
+        for channel in wanted:
+            index_channel = _INDEX_CHANNEL[("image", channel)]
+            if index_channel in available:
+                rankings[channel] = self.index.query(index_channel, vec, n)
+        return rankings, QueryTarget("image", vector=vec)
 
     def _results(self, fused: list, filters: SearchFilters, k: int, offset: int,
                  query: Any) -> list[SearchResult]:
@@ -288,6 +336,81 @@ class Searcher:
 
     def case(self, case_id: str) -> StoredCase:
         return self.index.get(case_id)
+
+    def evidence(self, result: SearchResult, query: QueryTarget | None = None) -> list[Evidence]:
+        """Where in ``result``'s scan the match with its query lies, best first (cached per case and query).
+
+        ``query`` asks about another target than the one the result was found with (a finding the
+        clinician points at in the report, say). Empty when the case's scan cannot be reached from
+        here (a report-only case, a moved archive).
+        """
+        target = query or result.query
+        if target is None:
+            raise MedFinderError(f"The result {result.case_id!r} does not say what it was searched with.")
+        key = (result.case_id, self.evidence_method, target.key())
+        with self._evidence_lock:
+            if key in self._evidence_cache:
+                self._evidence_cache.move_to_end(key)
+                return self._evidence_cache[key]
+        found = self._locate(result, target)
+        with self._evidence_lock:
+            self._evidence_cache[key] = found
+            while len(self._evidence_cache) > EVIDENCE_CACHE:
+                self._evidence_cache.popitem(last=False)
+        return found
+
+    def _locate(self, result: SearchResult, target: QueryTarget) -> list[Evidence]:
+        from . import evidence as ev
+
+        volume = self.case_volume(result)
+        if volume is None:
+            return []
+        scan = ev.PreparedScan.of(volume, self.preprocessor)
+        heat = None
+        found: list[Evidence] = []
+        vector = target.vector
+        if vector is None and target.text is not None and self.model.aligned:
+            vector = self.model.encode_query(target.text)[0].numpy()
+        if vector is not None:
+            import torch
+
+            heat = ev.evidence_map(self.model, scan, torch.from_numpy(vector), self.evidence_method)
+            found += [Evidence(point, score, "image") for point, score in ev.peaks(heat, scan)]
+        names = target.findings if target.kind == "text" else None
+        top = float(heat.max()) if heat is not None else 0.0
+        for name, side, level in ev.located_findings(result.report, result.findings, names):
+            region = ev.region_mask(volume, side, level)
+            if heat is not None and top > 0:
+                inside = np.where(ev.on_input_grid(region, scan), heat, 0.0)
+                if inside.max() > 0:
+                    best = np.unravel_index(int(inside.argmax()), inside.shape)
+                    found.append(Evidence(scan.world(best), float(inside.max()) / top, "report", name))
+                    continue
+            centre = ev.centroid_world(region, volume)
+            if centre is not None:
+                found.append(Evidence(centre, 0.0, "report", name))
+        # Where the report places a queried finding and the image agrees comes first: both support it.
+        queried = set(target.findings) if target.kind == "text" else set()
+        return sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
+
+    def case_volume(self, result: SearchResult | StoredCase) -> Volume | None:
+        """The case's scan, when the file it was indexed from is reachable from here (the last few kept)."""
+        source = result.source
+        if not source or not Path(source).exists():
+            return None
+        with self._evidence_lock:
+            if source in self._volumes:
+                self._volumes.move_to_end(source)
+                return self._volumes[source]
+        try:
+            volume = load_volume(source)
+        except MedFinderError:
+            return None
+        with self._evidence_lock:
+            self._volumes[source] = volume
+            while len(self._volumes) > VOLUME_CACHE:
+                self._volumes.popitem(last=False)
+        return volume
 
 
 def _stored_report(record: StoredCase) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -27,6 +28,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 PLANES = ("axial", "coronal", "sagittal")
+#: An evidence mark is drawn on a slice when it lies this close to it (mm).
+MARK_REACH_MM = 12.0
 # For each plane: the volume axis held fixed, then the edge letters (left, right, top, bottom).
 _PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 _PLANE_LETTERS = {
@@ -75,8 +78,14 @@ def render_slice(
     *,
     max_size: int = 512,
     letters: bool = True,
+    focus: Sequence[float] | None = None,
+    marks: Sequence[Sequence[float]] = (),
 ) -> Image.Image:
-    """An RGB picture of one slice, aspect-true, fitted into ``max_size`` pixels, with orientation letters."""
+    """An RGB picture of one slice, aspect-true, fitted into ``max_size`` pixels, with orientation letters.
+
+    ``focus`` (a voxel, (i, j, k)) is drawn as a crosshair; each of ``marks`` (voxels: evidence points)
+    as a ring, when it lies within ``MARK_REACH_MM`` of this slice.
+    """
     pixels, (row_mm, col_mm) = slice_pixels(volume, plane, index)
     grey = apply_window(pixels, window, level)
     height_mm, width_mm = pixels.shape[0] * row_mm, pixels.shape[1] * col_mm
@@ -86,7 +95,36 @@ def render_slice(
     image = image.convert("RGB")
     if letters:
         _draw_letters(image, _PLANE_LETTERS[plane])
+    axis = _axis(plane)
+    index = volume.shape[axis] // 2 if index is None else int(np.clip(index, 0, volume.shape[axis] - 1))
+    draw = ImageDraw.Draw(image)
+    for voxel in marks:
+        if abs(float(voxel[axis]) - index) * volume.spacing[axis] <= MARK_REACH_MM:
+            x, y = pixel_of(volume, plane, voxel, image.size)
+            r = max(6, image.size[0] // 25)
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=(0, 230, 255), width=3)
+    if focus is not None:
+        x, y = pixel_of(volume, plane, focus, image.size)
+        w, h = image.size
+        gap = max(6, w // 30)
+        for line in (((0, y), (x - gap, y)), ((x + gap, y), (w, y)), ((x, 0), (x, y - gap)), ((x, y + gap), (x, h))):
+            draw.line(line, fill=(255, 210, 0), width=1)
     return image
+
+
+def pixel_of(volume: Volume, plane: str, voxel: Sequence[float], size: tuple[int, int]) -> tuple[float, float]:
+    """Where voxel (i, j, k) falls in a picture of ``plane`` of ``size`` (width, height) pixels."""
+    axis = _axis(plane)
+    u_axis, v_axis = [a for a in range(3) if a != axis]
+    n_u, n_v = volume.shape[u_axis], volume.shape[v_axis]
+    column, row = n_u - 1 - float(voxel[u_axis]), n_v - 1 - float(voxel[v_axis])
+    return (column + 0.5) * size[0] / n_u, (row + 0.5) * size[1] / n_v
+
+
+def world_to_voxel(volume: Volume, point: Sequence[float]) -> tuple[float, float, float]:
+    """A world RAS+ mm point as (fractional) voxel indices of ``volume``."""
+    voxel = np.linalg.solve(volume.affine, np.array([*point, 1.0]))[:3]
+    return (float(voxel[0]), float(voxel[1]), float(voxel[2]))
 
 
 def key_slice_index(volume: Volume) -> int:
@@ -97,11 +135,12 @@ def key_slice_index(volume: Volume) -> int:
     return lo + int(np.argmax(body[lo:hi]))
 
 
-def thumbnail_png(volume: Volume, preset: str = "lung", size: int = 160, index: int | None = None) -> bytes:
-    """A small PNG of the key axial slice, for result cards and the index."""
+def thumbnail_png(volume: Volume, preset: str = "lung", size: int = 160, index: int | None = None,
+                  marks: Sequence[Sequence[float]] = ()) -> bytes:
+    """A small PNG of an axial slice (the key slice unless ``index``), for result cards and the index."""
     window, level = WINDOW_PRESETS[preset]
     image = render_slice(volume, "axial", key_slice_index(volume) if index is None else index,
-                         window, level, max_size=size, letters=False)
+                         window, level, max_size=size, letters=False, marks=marks)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()

@@ -96,6 +96,17 @@ class Service:
                 searcher.model.to("cuda")
         return searcher
 
+    def describe(self) -> str:
+        """One line for the page: what is searched, with which model, through which channels."""
+        searcher = self.searcher()
+        info = searcher.index.info()
+        names = {"keyword": "keyword", "text": "report text", "image": "image", "report": "image → report"}
+        text = ", ".join(names[c] for c in info["serves"]["text"])
+        image = ", ".join(names[c] for c in info["serves"]["image"])
+        aligned = "" if searcher.model.aligned else " This model is not aligned with text: no text-to-image score."
+        return (f"Index of {info['counts']['cases']:,} cases, model `{searcher.model.config.name}`. "
+                f"Text queries use: {text}. CT queries use: {image}.{aligned}")
+
     def examples(self) -> dict[str, Path]:
         """Example CTs offered in the app: the bundled real CT, and for the demo a few phantoms
         from a seed neither the index nor training used."""

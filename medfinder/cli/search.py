@@ -22,6 +22,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", default=[], metavar="FINDING", help="only cases with this finding")
     p.add_argument("--exclude", action="append", default=[], metavar="FINDING", help="no cases with this finding")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout, best first")
+    p.add_argument("--evidence", action="store_true",
+                   help="also say where in each result's scan the match lies (world RAS+ mm; runs the model per result)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         # For image queries the CLI's 'text' channel means image-to-report.
         channels = ["report" if (args.image is not None and args.channel == "text") else args.channel]
     filters = SearchFilters(include_findings=tuple(args.include), exclude_findings=tuple(args.exclude))
-    results = searcher.search(text=args.text, image=args.image, k=args.k, channels=channels, filters=filters)
+    results = searcher.search(text=args.text, image=args.image, k=args.k, channels=channels, filters=filters,
+                              evidence=args.evidence)
     if args.json:
         print(json.dumps([r.to_json() for r in results]))
         return 0
@@ -49,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r.rank:>3}. {r.case_id}  score {r.score:.4f}  [{per}]")
         if r.present_findings():
             print(f"     findings in report: {', '.join(r.present_findings())}")
+        for e in r.evidence or []:
+            label = f"{e.finding} (report)" if e.finding else "image"
+            print(f"     evidence {label}: ({e.ras_mm[0]:.1f}, {e.ras_mm[1]:.1f}, {e.ras_mm[2]:.1f}) mm, score {e.score:.2f}")
     if not results:
         print("No matching cases.")
     return 0

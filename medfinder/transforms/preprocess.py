@@ -195,3 +195,14 @@ class Preprocessor:
         image, reverse = to_meta_tensor(volume)
         pipeline = self._reversed_transforms if reverse else self.transforms
         return torch.as_tensor(pipeline({"image": image})["image"])
+
+    def with_affine(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
+        """The model input and the affine from its voxels to the volume's world RAS+ mm.
+
+        MONAI tracks the affine through every spatial step (resampling, reorientation, crop, pad);
+        the pipeline's last step only drops it.
+        """
+        image, reverse = to_meta_tensor(volume)
+        pipeline = self._reversed_transforms if reverse else self.transforms
+        out = Compose(pipeline.transforms[:-1])({"image": image})["image"]
+        return torch.as_tensor(out).float().contiguous(), np.asarray(out.affine, dtype=np.float64)
