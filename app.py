@@ -86,6 +86,10 @@ def build_app(service: Service) -> gr.Blocks:
                                           elem_id="ct-example")
                     mode = gr.Radio(["Similar cases", "Matching reports"], value="Similar cases", label="Find")
                     image_button = gr.Button("Load and search", variant="primary", elem_id="image-search")
+                    if service.settings.dicomweb:
+                        pacs_study = gr.Textbox(label="…or from PACS: Study Instance UID or accession number",
+                                                elem_id="pacs-study")
+                        pacs_button = gr.Button("Fetch from PACS and search", elem_id="pacs-search")
                 volume_info = gr.Markdown(elem_id="volume-info")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -131,6 +135,10 @@ def build_app(service: Service) -> gr.Blocks:
         image_button.click(handlers.on_image, [upload, example, mode, query_volume, *view_inputs],
                            [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
                             shown, last_query, upload, example], api_visibility="private", **CT_QUEUE)
+        if service.settings.dicomweb:
+            pacs_button.click(handlers.on_pacs, [pacs_study, mode, *view_inputs],
+                              [query_volume, volume_info, query_view, results_state, gallery, table, details, report,
+                               shown, last_query, pacs_study], api_visibility="private", **CT_QUEUE)
         gallery.select(handlers.on_select, [results_state, *view_inputs], [result_volume, details, report, result_view],
                        api_visibility="private")
         more.click(handlers.on_more, [last_query, query_volume, *text_inputs, shown], text_outputs,

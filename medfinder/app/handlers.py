@@ -54,7 +54,7 @@ def set_preset(name: str, query_volume: Any, case_volume: Any, plane: str, posit
 # ------------------------------------------------------------------ searches
 def _show(results: list[SearchResult], k: int, last: LastQuery, plane: str, position: float, window: float,
           level: float) -> tuple:
-    head, marks = views.details(results, 0)
+    head, marks = views.details(results, 0, current().viewer_link)
     # The best match opens in the case viewer straight away, so the details and the viewer agree.
     volume = views.case_volume(results[0]) if results else None
     return (results, views.gallery(results), views.table(results), head, marks, int(k), volume,
@@ -81,18 +81,34 @@ def on_image(files: Any, example: str | None, mode: str, query_volume: Any, plan
             raise _error(exc) from None
     else:
         volume = query_volume
+    return (*_search_loaded(volume, mode, plane, position, window, level, progress), None, None if files else example)
+
+
+def on_pacs(study: str, mode: str, plane: str, position: float, window: float, level: float,
+            progress: gr.Progress = gr.Progress()) -> tuple:
+    """Fetch a study's main CT series from the PACS and search with it, as an upload: the volume stays in
+    the session only, and the study box is cleared."""
+    progress(0.1, desc="Fetching the study from the PACS")
+    try:
+        volume = current().load_from_pacs(study)
+    except MedFinderError as exc:
+        raise _error(exc) from None
+    return (*_search_loaded(volume, mode, plane, position, window, level, progress), "")
+
+
+def _search_loaded(volume: Any, mode: str, plane: str, position: float, window: float, level: float,
+                   progress: Any) -> tuple:
     progress(0.5, desc="Encoding and searching")
     results = _image_results(volume, mode, DEFAULT_K)
-    head, marks = views.details(results, 0)
+    head, marks = views.details(results, 0, current().viewer_link)
     return (volume, views.volume_text(volume), views.inline(views.render(volume, plane, position, window, level)),
-            results, views.gallery(results), views.table(results), head, marks, DEFAULT_K, ("image", mode), None,
-            None if files else example)
+            results, views.gallery(results), views.table(results), head, marks, DEFAULT_K, ("image", mode))
 
 
 def on_select(results: list[SearchResult], plane: str, position: float, window: float, level: float,
               evt: gr.SelectData) -> tuple:
     i = evt.index if isinstance(evt.index, int) else evt.index[0]
-    head, marks = views.details(results, i)
+    head, marks = views.details(results, i, current().viewer_link)
     volume = views.case_volume(results[i]) if results else None
     return volume, head, marks, views.render(volume, plane, position, window, level)
 
