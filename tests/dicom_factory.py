@@ -50,6 +50,7 @@ def write_series(
     image_type: list[str] | None = None,
     sop_class: str | None = None,
     series_description: str | None = None,
+    orientation: list[float] | None = None,
 ) -> list[Path]:
     """A series of ``n`` slices in ``folder``; ``phi_values`` overrides FAKE_PHI's values (still fake)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def write_series(
         ds.InstanceNumber = n - k  # deliberately reversed: loaders must not trust it
         pos = positions[k] if positions else [-10.0, -12.0, 100.0 + k * step]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.ImageOrientationPatient = [f"{v:g}" for v in (orientation or [1, 0, 0, 0, 1, 0])]
         ps = (pixel_spacing_per_slice or {}).get(k, pixel_spacing)
         ds.PixelSpacing = [f"{ps[0]:g}", f"{ps[1]:g}"]
         ds.Rows, ds.Columns = rows, cols

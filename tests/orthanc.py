@@ -32,6 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Orthanc:
     """One Orthanc process. ``modalities``: name -> (AE title, port) of DICOM nodes on this machine it may
     send to (``DicomModalities``)."""
@@ -80,7 +87,9 @@ class Orthanc:
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         self.log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=self.log, stderr=subprocess.STDOUT)
+        # Orthanc dies with the test process, even one killed before its teardown.
+        self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -66,9 +66,14 @@ def pacs(tmp_path_factory):
     p1_sc = write_series(files / "p1_sc", n=1, rows=48, cols=48, study_uid=p1, sop_class="1.2.840.10008.5.1.4.1.1.7")
     p2_ct = write_series(files / "p2_ct", n=10, rows=40, cols=44, step=3.0, study_uid=p2, phi_values=P2_PHI)
     p2_mr = write_series(files / "p2_mr", n=4, modality="MR", study_uid=p2, phi_values=P2_PHI)
+    # Two more CT series in P2, neither its main one: fewer slices (axial), and more slices but coronal.
+    p2_thin = write_series(files / "p2_thin", n=6, rows=40, cols=44, step=1.5, study_uid=p2, phi_values=P2_PHI)
+    p2_coronal = write_series(files / "p2_coronal", n=12, rows=40, cols=44, study_uid=p2, phi_values=P2_PHI,
+                              orientation=[1, 0, 0, 0, 0, -1],
+                              positions=[[-10.0, -12.0 + 2.0 * k, 100.0] for k in range(12)])
     gap = [[-10.0, -12.0, 100.0 + z] for z in (0, 2, 4, 10, 12, 14)]  # slices missing in the middle
     p2_broken = write_series(files / "p2_broken", n=6, rows=40, cols=44, positions=gap, study_uid=p2, phi_values=P2_PHI)
-    uploaded = [*abdomen, *p1_ct, *p1_sr, *p1_loc, *p1_sc, *p2_ct, *p2_mr, *p2_broken]
+    uploaded = [*abdomen, *p1_ct, *p1_sr, *p1_loc, *p1_sc, *p2_ct, *p2_thin, *p2_coronal, *p2_mr, *p2_broken]
     server.upload(uploaded)
     identifiers = set(FAKE_PHI.values()) | set(P2_PHI.values()) | {"19470312", "Fakeperson", "FAKE-ID", "ACC-FAKE"}
     state = SimpleNamespace(
@@ -76,7 +81,8 @@ def pacs(tmp_path_factory):
         abdomen=(str(first.StudyInstanceUID), str(first.SeriesInstanceUID)),
         p1=(p1, str(pydicom.dcmread(p1_ct[0]).SeriesInstanceUID)),
         p2=(p2, str(pydicom.dcmread(p2_ct[0]).SeriesInstanceUID)),
-        uids=_uids(uploaded), identifiers=identifiers, cases=3,
+        p2_others=[str(pydicom.dcmread(s[0]).SeriesInstanceUID) for s in (p2_thin, p2_coronal)],
+        uids=_uids(uploaded), identifiers=identifiers, cases=5,
     )
     yield state
     server.stop()
@@ -114,6 +120,11 @@ def _one_sentence(proc: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
+def index_records(index: Path, case_ids: set[str]) -> list:
+    with CaseIndex.open(index) as opened:
+        return opened.get_many(sorted(case_ids))
+
+
 def _key(index: Path) -> bytes:
     return (index / "case_id.key").read_bytes()
 
@@ -132,17 +143,19 @@ def pacs_index(pacs, tiny_model_dir, tmp_path_factory):
 
 def test_build_counts_cases_and_skip_reasons_and_attaches_reports(pacs, pacs_index):
     summary = pacs_index.summary
-    assert summary["added"] == 3 and summary["failed"] == 0, summary
+    assert summary["added"] == 5 and summary["failed"] == 0, summary
     assert summary["skipped"] == {MR: 1, LOCALIZER: 1, SECONDARY_CAPTURE: 1, TEXT_REPORT: 1, NOT_A_VOLUME: 1}
     key = _key(pacs_index.out)
     ids = {name: series_case_id(key, getattr(pacs, name)[1]) for name in ("abdomen", "p1", "p2")}
+    others = {series_case_id(key, uid) for uid in pacs.p2_others}
     with CaseIndex.open(pacs_index.out) as index:
-        assert index.case_ids() == set(ids.values())
+        assert index.case_ids() == set(ids.values()) | others
         cases = {c.case_id: c for c in index.get_many(list(ids.values()))}
         info = index.info()
     assert P1_REPORT in cases[ids["p1"]].report and "Findings:" in cases[ids["p1"]].report  # the SR, by section
     assert SR_ONLY_WORDS not in cases[ids["p1"]].report
-    assert cases[ids["p2"]].report == P2_REPORT  # the CSV, by accession number
+    assert cases[ids["p2"]].report == P2_REPORT  # the CSV, by accession number, for each CT series of the study
+    assert all(c.report == P2_REPORT for c in index_records(pacs_index.out, others))
     assert cases[ids["abdomen"]].report == "" and cases[ids["abdomen"]].shape == (512, 512, 20)
     assert any(f["name"] == "Pleural effusion" and f["status"] == "affirmed" for f in cases[ids["p1"]].findings)
     assert info["settings"]["identifiable"] is False and info["settings"]["source"] == "dicomweb"
@@ -164,7 +177,7 @@ def test_rerun_adds_nothing_then_only_a_series_uploaded_in_between(pacs, pacs_in
     try:
         assert main(args, command="build") == 0
         again = json.loads(capsys.readouterr().out)
-        assert again["added"] == 0 and again["skipped_already_indexed"] == 3, again
+        assert again["added"] == 0 and again["skipped_already_indexed"] == 5, again
         study = generate_uid()
         new = write_series(pacs.files / "p3_ct", n=9, rows=36, cols=36, study_uid=study,
                            phi_values={"AccessionNumber": "ACC-FAKE-99003"})
@@ -177,9 +190,9 @@ def test_rerun_adds_nothing_then_only_a_series_uploaded_in_between(pacs, pacs_in
     finally:
         for name in pacs.server.env():
             os.environ.pop(name, None)
-    assert third["added"] == 1 and third["skipped_already_indexed"] == 3, third
+    assert third["added"] == 1 and third["skipped_already_indexed"] == 5, third
     with CaseIndex.open(pacs_index.out) as index:
-        assert len(index) == 4 and series_case_id(_key(pacs_index.out), pydicom.dcmread(new[0]).SeriesInstanceUID) in index
+        assert len(index) == 6 and series_case_id(_key(pacs_index.out), pydicom.dcmread(new[0]).SeriesInstanceUID) in index
     _clean(out.out + out.err + caplog.text, pacs, "a re-run's output")
     _clean_folder(pacs_index.out, pacs)
 
@@ -198,11 +211,15 @@ def test_search_by_study_uid_finds_the_real_series_itself_at_rank_1(pacs, pacs_i
     _clean(proc.stdout + proc.stderr, pacs, "search output")
 
 
-def test_search_by_accession_and_unknown_study(pacs, pacs_index, tiny_model_dir):
-    from medfinder.pacs import search_by_study
+def test_search_by_accession_takes_the_main_series_and_unknown_study(pacs, pacs_index, tiny_model_dir):
+    from medfinder.pacs import search_by_study, study_volume
     from medfinder.search import Searcher
 
     client = PacsClient(pacs.server.dicomweb, env=pacs.server.env())
+    # P2 holds three valid CT volumes: 10 axial slices, 6 thinner axial ones, 12 coronal ones.
+    main = study_volume(client, P2_PHI["AccessionNumber"])
+    assert main.shape == (44, 40, 10) and main.metadata["slice_step_mm"] == 3.0
+    assert main.source.endswith("of the PACS study")  # never named by its UIDs
     searcher = Searcher.open(pacs_index.out, tiny_model_dir)
     results = search_by_study(searcher, client, P2_PHI["AccessionNumber"], k=2, channels=["image"])
     assert results[0].case_id == series_case_id(_key(pacs_index.out), pacs.p2[1])
@@ -243,8 +260,10 @@ def test_link_to_pacs_keeps_uids_says_so_and_the_app_opens_the_viewer(pacs, tiny
     finally:
         uploads.remove()
     volume, volume_text, results, head, study_box = shown[0], shown[1], shown[3], shown[6], shown[10]
-    assert volume.shape == (48, 48, 8) and results[0].case_id == series_case_id(_key(out), pacs.p1[1])
-    assert f"StudyInstanceUIDs={pacs.p1[0]}&series={pacs.p1[1]}" in head and "Open in PACS viewer" in head
+    by_image = {r.channels["image"].rank: r.case_id for r in results if "image" in r.channels}
+    assert volume.shape == (48, 48, 8) and by_image[1] == series_case_id(_key(out), pacs.p1[1])
+    first = parse_pacs_source(results[0].source)  # the details line is the first result's
+    assert f"StudyInstanceUIDs={first[0]}&series={first[1]}" in head and "Open in PACS viewer" in head
     assert study_box == ""  # the typed UID is cleared
     _clean(volume_text + volume.source + json.dumps(volume.metadata), pacs, "the query's description")
 
@@ -268,7 +287,18 @@ def test_app_from_pacs_on_a_plain_index_shows_no_link(pacs, pacs_index, tiny_mod
             handlers.on_pacs("1.2.3.4.5.6.7", "Similar cases", "axial", 0.5, 1500, -600, progress=lambda *a, **k: None)
     finally:
         uploads.remove()
-    assert shown[3][0].case_id == series_case_id(_key(pacs_index.out), pacs.p2[1])
+    # By image, the study's main series finds itself first (its sibling series share its report, so the
+    # fused order among them is a tie broken by the report channel).
+    by_image = {r.channels["image"].rank: r.case_id for r in shown[3] if "image" in r.channels}
+    assert by_image[1] == series_case_id(_key(pacs_index.out), pacs.p2[1])
+    sys.path.insert(0, str(REPO))
+    try:
+        import app  # the layout offers "From PACS" when MEDFINDER_DICOMWEB is set
+    finally:
+        sys.path.remove(str(REPO))
+    blocks = app.build_app(install(Service(AppSettings(index=pacs_index.out, model=str(tiny_model_dir),
+                                                       dicomweb=pacs.server.dicomweb), uploads)))
+    assert any(getattr(b, "elem_id", None) == "pacs-study" for b in blocks.blocks.values())
     assert "Open in PACS viewer" not in shown[6] and "viewer.example" not in shown[6]
     assert "No study" in str(info.value) and "1.2.3.4.5.6.7" not in str(info.value)
     _clean(shown[1] + shown[6] + json.dumps([r.to_json() for r in shown[3]]), pacs, "the app's answer")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,6 +64,10 @@ class _Study:
 
 @dataclass
 class ListenerSummary:
+    """What a listening session did, printed as JSON when it stops: instances received, cases added,
+    series left out by reason (as a build counts them), failures by case id, and series dropped
+    because the stop cut their transfer off."""
+
     received: int = 0
     added: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
