@@ -91,6 +91,10 @@ def build_app(service: Service) -> gr.Blocks:
                                           elem_id="ct-example")
                     mode = gr.Radio(["Similar cases", "Matching reports"], value="Similar cases", label="Find")
                     image_button = gr.Button("Load and search", variant="primary", elem_id="image-search")
+                    if service.settings.dicomweb:
+                        pacs_study = gr.Textbox(label="…or from PACS: Study Instance UID or accession number",
+                                                elem_id="pacs-study")
+                        pacs_button = gr.Button("Fetch from PACS and search", elem_id="pacs-search")
                 volume_info = gr.Markdown(elem_id="volume-info")
                 query_view = gr.HTML(views.inline(None), label="Query CT", show_label=True, container=True,
                                      elem_classes="viewer", elem_id="query-view", visible=False)
@@ -153,6 +157,11 @@ def build_app(service: Service) -> gr.Blocks:
         more.click(handlers.on_more, [last_query, query_volume, *text_inputs, shown], search_outputs,
                    api_visibility="private").then(handlers.evidence_thumbnails, [results_state], [gallery],
                                                   show_progress="hidden", api_visibility="private")
+        if service.settings.dicomweb:
+            pacs_button.click(handlers.on_pacs, [pacs_study, mode, plane, position, window, level, show],
+                              [query_volume, volume_info, pacs_study, *search_outputs], api_visibility="private",
+                              **CT_QUEUE).then(handlers.evidence_thumbnails, [results_state], [gallery],
+                                               show_progress="hidden", api_visibility="private", **CT_QUEUE)
 
         # The stable API for gradio_client (documented in the README).
         api_k = gr.Number(value=DEFAULT_K, visible=False)

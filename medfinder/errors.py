@@ -66,6 +66,29 @@ class ManifestError(MedFinderError):
     """A manifest CSV or dataset folder is missing or malformed."""
 
 
+# --- a PACS ----------------------------------------------------------------------------
+class PacsError(MedFinderError):
+    """A PACS cannot be used at all: unreachable, not a DICOMweb service, or it stopped answering.
+
+    A build stops at once on this error (after committing what it had), unlike a problem with one
+    series, which is skipped and counted.
+    """
+
+
+class PacsAuthError(PacsError):
+    """The PACS refused the credentials (HTTP 401 or 403)."""
+
+
+class SeriesSkipped(MedFinderError):
+    """A series a PACS source leaves out rather than index: a localizer, a dose report, a broken
+    series, one that could not be fetched. ``reason`` is the short category counted in the build
+    summary; ``str()`` the sentence logged for it (naming the case by its keyed id, never a UID)."""
+
+    def __init__(self, reason: str, sentence: str | None = None) -> None:
+        super().__init__(sentence or reason)
+        self.reason = reason
+
+
 def os_error_sentence(exc: OSError) -> str:
     """One sentence for a file-system error, naming the path when the error carries one."""
     if isinstance(exc, FileNotFoundError):

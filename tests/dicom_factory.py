@@ -45,14 +45,21 @@ def write_series(
     phi: bool = True,
     name_prefix: str = "IM",
     pixel_spacing_per_slice: dict[int, tuple[float, float]] | None = None,
+    study_uid: str | None = None,
+    phi_values: dict[str, str] | None = None,
+    image_type: list[str] | None = None,
+    sop_class: str | None = None,
+    series_description: str | None = None,
+    orientation: list[float] | None = None,
 ) -> list[Path]:
+    """A series of ``n`` slices in ``folder``; ``phi_values`` overrides FAKE_PHI's values (still fake)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid = study_uid or generate_uid()
     paths = []
     for k in range(n):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = _SOP_CLASS[modality]
+        meta.MediaStorageSOPClassUID = sop_class or _SOP_CLASS[modality]
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
@@ -67,12 +74,16 @@ def write_series(
         ds.KVP = "120"
         ds.SliceThickness = str(step)
         if phi:
-            for tag, value in FAKE_PHI.items():
+            for tag, value in {**FAKE_PHI, **(phi_values or {})}.items():
                 setattr(ds, tag, value)
+        if image_type:
+            ds.ImageType = image_type
+        if series_description:
+            ds.SeriesDescription = series_description
         ds.InstanceNumber = n - k  # deliberately reversed: loaders must not trust it
         pos = positions[k] if positions else [-10.0, -12.0, 100.0 + k * step]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.ImageOrientationPatient = [f"{v:g}" for v in (orientation or [1, 0, 0, 0, 1, 0])]
         ps = (pixel_spacing_per_slice or {}).get(k, pixel_spacing)
         ds.PixelSpacing = [f"{ps[0]:g}", f"{ps[1]:g}"]
         ds.Rows, ds.Columns = rows, cols
@@ -101,6 +112,52 @@ def write_structured_report(path: Path) -> Path:
     ds.SeriesInstanceUID = generate_uid()
     for tag, value in FAKE_PHI.items():
         setattr(ds, tag, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_text_report(path: Path, study_uid: str, sections: dict[str, str], phi_values: dict[str, str] | None = None,
+                      series_uid: str | None = None) -> Path:
+    """A Basic Text SR (TID 2000 shape) in study ``study_uid``: one container per section, holding its
+    text, plus an observer's (fake) name that must never reach a report."""
+    from pydicom.sequence import Sequence
+
+    def code(value: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        return item
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid or generate_uid()
+    ds.StudyDate, ds.ContentDate, ds.ContentTime = "20190523", "20190524", "101500"
+    for tag, value in {**FAKE_PHI, **(phi_values or {})}.items():
+        setattr(ds, tag, value)
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.ConceptNameCodeSequence = Sequence([code("18748-4", "Diagnostic Imaging Report")])
+    observer = Dataset()
+    observer.RelationshipType, observer.ValueType = "HAS OBS CONTEXT", "PNAME"
+    observer.ConceptNameCodeSequence = Sequence([code("121008", "Person Observer Name")])
+    observer.PersonName = FAKE_PHI["ReferringPhysicianName"]
+    items = [observer]
+    for name, text in sections.items():
+        container = Dataset()
+        container.RelationshipType, container.ValueType, container.ContinuityOfContent = "CONTAINS", "CONTAINER", "SEPARATE"
+        container.ConceptNameCodeSequence = Sequence([code("121070", name)])
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+        item.ConceptNameCodeSequence = Sequence([code("121071", "Finding")])
+        item.TextValue = text
+        container.ContentSequence = Sequence([item])
+        items.append(container)
+    ds.ContentSequence = Sequence(items)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -63,7 +63,7 @@ def open_case(results: list[SearchResult], i: int, plane: str, window: float, le
     volume = current().searcher().case_volume(result)
     evidence = _evidence(result) if volume is not None else []
     focus = views.focus_at(volume, evidence) if volume is not None else None
-    head, marks = views.details(results, i)
+    head, marks = views.details(results, i, current().viewer_link)
     return (i, volume, focus, views.case_planes(volume, focus, window, level, evidence, show),
             views.focus_text(result, volume, focus, evidence), head, marks, _position(volume, focus, plane))
 
@@ -180,6 +180,22 @@ def on_image(files: Any, example: str | None, mode: str, query_volume: Any, plan
     results = _image_results(volume, mode, DEFAULT_K)
     query_view = gr.update(value=views.inline(views.render(volume, plane, position, window, level)), visible=True)
     return (volume, views.volume_text(volume), None, None if files else example,
+            *_show(results, DEFAULT_K, ("image", mode), query_view, plane, window, level, show))
+
+
+def on_pacs(study: str, mode: str, plane: str, position: float, window: float, level: float, show: bool,
+            progress: gr.Progress = gr.Progress()) -> tuple:
+    """Fetch a study's main CT series from the PACS and search with it, as an upload: the volume stays in
+    the session only, and the study box is cleared."""
+    progress(0.1, desc="Fetching the study from the PACS")
+    try:
+        volume = current().load_from_pacs(study)
+    except MedFinderError as exc:
+        raise _error(exc) from None
+    progress(0.4, desc="Encoding the CT and searching")
+    results = _image_results(volume, mode, DEFAULT_K)
+    query_view = gr.update(value=views.inline(views.render(volume, plane, position, window, level)), visible=True)
+    return (volume, views.volume_text(volume), "",
             *_show(results, DEFAULT_K, ("image", mode), query_view, plane, window, level, show))
 
 

@@ -3,8 +3,11 @@
 Settings come from the environment, so that ``python app.py`` and a Hugging Face Space need no
 arguments: ``MEDFINDER_INDEX`` (an index folder; default: the demo index, built on first start),
 ``MEDFINDER_MODEL`` (the model, when the index's recorded one has moved), ``MEDFINDER_DEVICE``
-(``auto``, ``cpu`` or ``cuda``). The model and index load once per process and are shared
-read-only by every session.
+(``auto``, ``cpu`` or ``cuda``), ``MEDFINDER_DICOMWEB`` (a PACS's DICOMweb root: the "Search by CT"
+tab then also takes a study from it; credentials as for ``index_build --dicomweb``) and
+``MEDFINDER_VIEWER_URL`` (a PACS viewer URL with ``{study}`` and ``{series}``: each case of an index built
+with ``--link-to-pacs`` then gets "Open in PACS viewer"). The model and index load once per process and
+are shared read-only by every session.
 
 On a ZeroGPU Space, the functions that run the encoders are wrapped in ``spaces.GPU`` and the model
 is moved to the GPU inside them; elsewhere the wrapper does nothing and the model stays where
@@ -49,13 +52,18 @@ class AppSettings:
     model: str | None = None
     device: str = "auto"
     demo_index: Path = field(default_factory=lambda: DEMO_INDEX_DIR)
+    #: A PACS's DICOMweb root ("From PACS" in the CT tab), and a viewer URL template for linked indexes.
+    dicomweb: str | None = None
+    viewer_url: str | None = None
 
     @classmethod
     def from_env(cls) -> "AppSettings":
         index = os.environ.get("MEDFINDER_INDEX")
         return cls(index=Path(index) if index else None, model=os.environ.get("MEDFINDER_MODEL") or None,
                    device=os.environ.get("MEDFINDER_DEVICE", "auto"),
-                   demo_index=Path(os.environ.get("MEDFINDER_DEMO_INDEX", DEMO_INDEX_DIR)))
+                   demo_index=Path(os.environ.get("MEDFINDER_DEMO_INDEX", DEMO_INDEX_DIR)),
+                   dicomweb=os.environ.get("MEDFINDER_DICOMWEB") or None,
+                   viewer_url=os.environ.get("MEDFINDER_VIEWER_URL") or None)
 
     @property
     def is_demo(self) -> bool:
@@ -71,6 +79,7 @@ class Service:
         self._searcher: Searcher | None = None
         self._examples: dict[str, Path] | None = None
         self._lock = threading.Lock()
+        self._pacs: Any = None
 
     def searcher(self) -> Searcher:
         """The model and index, loaded (and for the demo, built) on first use."""
@@ -129,6 +138,31 @@ class Service:
         if not paths:
             raise MedFinderError("Upload a CT (.nii/.nii.gz, DICOM .zip or files, .nrrd) or pick an example first.")
         return self.uploads.read(paths)
+
+    def load_from_pacs(self, study: str) -> Volume:
+        """The main CT series of a study in the PACS (``MEDFINDER_DICOMWEB``), as an upload is treated:
+        in memory for this session only, named "the PACS study", never by its identifiers."""
+        from ..pacs import study_volume
+
+        if not self.settings.dicomweb:
+            raise MedFinderError("No PACS is configured: set MEDFINDER_DICOMWEB to its DICOMweb root.")
+        with self._lock:
+            if self._pacs is None:
+                from ..io.dicomweb import PacsClient
+
+                self._pacs = PacsClient(self.settings.dicomweb)
+        return study_volume(self._pacs, study or "")
+
+    def viewer_link(self, result: SearchResult) -> str | None:
+        """"Open in PACS viewer" for a case of an index built with ``--link-to-pacs``, when
+        ``MEDFINDER_VIEWER_URL`` is set; None otherwise."""
+        from ..pacs import viewer_link
+
+        if not self.settings.viewer_url:
+            return None
+        if not self.searcher().index.info()["settings"].get("identifiable"):
+            return None
+        return viewer_link(self.settings.viewer_url, result.source)
 
     def text_filters(self, include: list[str] | None, exclude: list[str] | None, sex: str | None,
                      age_min: float | None, age_max: float | None) -> SearchFilters:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -168,11 +168,16 @@ def table(results: list[SearchResult]) -> list[list[Any]]:
     return rows
 
 
-def details(results: list[SearchResult], i: int) -> tuple[str, list[tuple[str, str | None]]]:
-    """The selected case's header line and its report cut into highlighted segments."""
+def details(results: list[SearchResult], i: int,
+            viewer: Callable[[SearchResult], str | None] | None = None) -> tuple[str, list[tuple[str, str | None]]]:
+    """The selected case's header line and its report cut into highlighted segments; with ``viewer``
+    (the service's ``viewer_link``), an "Open in PACS viewer" link where the index keeps one."""
     if not results or i >= len(results):
         return "", []
     r = results[i]
     meta = ", ".join(f"{k}: {html.escape(str(v))}" for k, v in sorted(r.metadata.items()))
     head = f"**{html.escape(r.case_id)}** — rank {r.rank}" + (f" — {meta}" if meta else "")
+    link = viewer(r) if viewer is not None else None
+    if link:
+        head += f" — [Open in PACS viewer](<{link.replace('>', '%3E').replace('<', '%3C')}>)"
     return head, (r.highlights or [(r.report or "(no report)", None)])

@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from . import build, demo, phantoms, search, training
+from . import build, demo, listen, phantoms, search, training
 from .support import CliParser, run_guarded
 
 #: name -> (help, configure, run)
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "info": ("counts, model and settings of an index", search.configure_info, search.run_info),
     "check": ("load and validate CT files without searching", search.configure_check, search.run_check),
     "build": ("build or extend an index (also: python -m index_build)", build.configure, build.run),
+    "listen": ("receive studies a PACS sends (DICOM C-STORE) and add them to an index", listen.configure, listen.run),
     "demo-index": ("build the demo index from synthetic phantoms", demo.configure, demo.run),
     "phantoms": ("write synthetic chest CT cases with reports and labels", phantoms.configure, phantoms.run),
     "train": ("train a model on a manifest of CTs and reports", training.configure_train, training.run_train),

@@ -1,4 +1,5 @@
-"""``build`` (also ``python -m index_build``): build or extend an index from a manifest or a dataset layout."""
+"""``build`` (also ``python -m index_build``): build or extend an index from a manifest, a dataset layout,
+or a PACS over DICOMweb (``--dicomweb URL``; credentials only from the environment)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     source.add_argument("--bimcv-r", type=Path, metavar="ROOT", help="a BIMCV-R dataset folder")
     source.add_argument("--ct-rate", type=Path, metavar="ROOT", help="a CT-RATE dataset folder")
     source.add_argument("--dicom-tree", type=Path, metavar="ROOT", help="a folder of DICOM series (no reports)")
+    source.add_argument("--dicomweb", metavar="URL",
+                        help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (credentials: "
+                             "MEDFINDER_DICOMWEB_USER and MEDFINDER_DICOMWEB_PASSWORD, or MEDFINDER_DICOMWEB_TOKEN)")
     p.add_argument("--out", type=Path, required=True, help="index folder (created, or extended when it exists)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder or built-in model name (default: {DEFAULT_MODEL}, the real-CT tower)")
@@ -29,14 +33,29 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
                    help="commit at least this often, bounding the work an interruption loses (default 30)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    pacs = p.add_argument_group("with --dicomweb")
+    pacs.add_argument("--reports", type=Path, metavar="CSV",
+                      help="reports by study: columns AccessionNumber,report or StudyInstanceUID,report "
+                           "(default: the text of each study's DICOM structured reports)")
+    pacs.add_argument("--since", metavar="YYYYMMDD", help="only studies from this StudyDate on")
+    pacs.add_argument("--link-to-pacs", action="store_true",
+                      help="keep Study and Series UIDs for 'Open in PACS viewer' (the index is then identifiable; "
+                           "off by default)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        fail("--workers must be 0 or more.")
+    if args.dicomweb is None:
+        given = [flag for flag, value in (("--reports", args.reports), ("--since", args.since),
+                                          ("--link-to-pacs", args.link_to_pacs)) if value]
+        if given:
+            fail(f"{given[0]} applies to a PACS build only; add --dicomweb URL.")
+    else:
+        return _run_dicomweb(args)
     from ..index.build import build_index
     from ..io import read_bimcv_r, read_ct_rate, read_dicom_tree, read_manifest
 
-    if args.workers < 0:
-        fail("--workers must be 0 or more.")
     if args.manifest:
         records, source = read_manifest(args.manifest), str(args.manifest)
     elif args.bimcv_r:
@@ -53,14 +72,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_demo_model_on_real_scans(model: str, records: list) -> None:
-    """The demo model learnt from synthetic phantoms only: on real scans its image vectors say nothing."""
+def _run_dicomweb(args: argparse.Namespace) -> int:
+    """The PACS build: checks the options, then ``medfinder.pacs.build_from_dicomweb``."""
+    from ..io.dicomweb import PacsClient, check_study_date
+
+    if args.workers:
+        fail("A PACS build fetches one series at a time; --workers must be 0 with --dicomweb.")
+    if args.since is not None:
+        try:
+            check_study_date(args.since)
+        except ValueError as exc:
+            fail(str(exc))
+    if args.reports is not None and not args.reports.is_file():
+        fail(f"{args.reports}: the report table does not exist.")
+    client = PacsClient(args.dicomweb)
+    client.check()  # a wrong URL or credentials: one sentence in a second, before PyTorch and the model load
+    if _is_demo_model(args.model):
+        print("warning: the demo model was trained on synthetic phantoms only; its image vectors are not meaningful "
+              "on a PACS's scans. Use --model ct-i3resnet152 (the default) for real CT.", file=sys.stderr)
+    from ..pacs.build import build_from_dicomweb
+
+    summary = build_from_dicomweb(args.dicomweb, args.out, model=args.model, reports=args.reports, since=args.since,
+                                  link_to_pacs=args.link_to_pacs, client=client, settings={"backend": args.backend},
+                                  batch_size=args.batch_size, device=args.device, commit_every_s=args.commit_every,
+                                  progress=not args.quiet)
+    print(json.dumps(summary.to_json(), indent=2))
+    return 0
+
+
+def _is_demo_model(model: str) -> bool:
     from ..demo import DEMO_MODEL_DIR
     from ..model import read_fingerprint
 
     demo = read_fingerprint(DEMO_MODEL_DIR)
+    return demo is not None and read_fingerprint(model) == demo
+
+
+def _warn_if_demo_model_on_real_scans(model: str, records: list) -> None:
+    """The demo model learnt from synthetic phantoms only: on real scans its image vectors say nothing."""
     real = [r for r in records if r.image is not None and not r.case_id.startswith("phantom-")]
-    if real and demo is not None and read_fingerprint(model) == demo:
+    if real and _is_demo_model(model):
         print(f"warning: the demo model was trained on synthetic phantoms only; its image vectors are not meaningful "
               f"on the {len(real)} real scan(s) here. Use --model ct-i3resnet152 (the default) for real CT.",
               file=sys.stderr)

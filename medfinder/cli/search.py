@@ -15,6 +15,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="findings or symptoms, e.g. 'right pleural effusion'")
     q.add_argument("--image", type=Path, help="a CT: .nii/.nii.gz, DICOM folder or .zip, .nrrd, .npy")
+    q.add_argument("--study", metavar="STUDY_UID_OR_ACCESSION",
+                   help="a study in the PACS (with --dicomweb): its main CT series is the query")
+    p.add_argument("--dicomweb", metavar="URL", help="the PACS's DICOMweb root, for --study (credentials: "
+                   "MEDFINDER_DICOMWEB_USER and MEDFINDER_DICOMWEB_PASSWORD, or MEDFINDER_DICOMWEB_TOKEN)")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--channel", choices=("keyword", "text", "image", "report"),
                    help="one channel only (default: the fused ranking)")
@@ -36,14 +40,29 @@ def run(args: argparse.Namespace) -> int:
         fail(f"{args.index}: the index folder does not exist.")
     if args.image is not None and not args.image.exists():
         fail(f"{args.image}: the image file does not exist.")
+    if (args.study is None) != (args.dicomweb is None):
+        fail("--study and --dicomweb go together: the study is looked up in that PACS.")
+    client = None
+    if args.study is not None:
+        from ..io.dicomweb import PacsClient
+
+        client = PacsClient(args.dicomweb)
+        client.check()  # a wrong URL or credentials fail here, before the model loads
     searcher = Searcher.open(args.index, args.model, device=args.device)
     channels = None
+    image_query = args.image is not None or args.study is not None
     if args.channel:
         # For image queries the CLI's 'text' channel means image-to-report.
-        channels = ["report" if (args.image is not None and args.channel == "text") else args.channel]
+        channels = ["report" if (image_query and args.channel == "text") else args.channel]
     filters = SearchFilters(include_findings=tuple(args.include), exclude_findings=tuple(args.exclude))
-    results = searcher.search(text=args.text, image=args.image, k=args.k, channels=channels, filters=filters,
-                              evidence=args.evidence)
+    if client is not None:
+        from ..pacs import search_by_study
+
+        results = search_by_study(searcher, client, args.study, k=args.k, channels=channels, filters=filters,
+                                  evidence=args.evidence)
+    else:
+        results = searcher.search(text=args.text, image=args.image, k=args.k, channels=channels, filters=filters,
+                                  evidence=args.evidence)
     if args.json:
         print(json.dumps([r.to_json() for r in results]))
         return 0

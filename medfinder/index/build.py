@@ -10,6 +10,11 @@ Three steps, each a seam another engine can take over:
 ``build_index`` runs them on this machine: a local pool of ``workers`` processes prepares, this process
 encodes and writes. A case that cannot be used is logged with its reason and counted, never stopping
 the build.
+
+Its records are a list (a manifest, a dataset layout) or a ``CaseStream`` (a PACS): a source that
+lists its cases as it goes, is told which are already indexed before it fetches anything, loads each
+scan itself, and counts the series it leaves out (``BuildSummary.skipped``). A stream is prepared in
+this process, one case at a time, so memory does not grow with the size of the archive.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from ..errors import MedFinderError
+from ..errors import MedFinderError, PacsError, SeriesSkipped
 from ..io.manifests import ManifestCase
 from ..io.volume import Volume
 from ..transforms.preprocess import Preprocessor
@@ -40,6 +45,22 @@ INTERNAL_METADATA = ("patient_id", "source_name", "missing_image")
 
 #: How a case's scan is loaded: by default ``load_volume`` on ``case.image``; a PACS source fetches it.
 ScanLoader = Callable[[ManifestCase], Volume]
+
+
+@runtime_checkable
+class CaseStream(Protocol):
+    """Cases listed as the build goes (a PACS): ``cases(done)`` yields those not in ``done`` (case ids
+    already indexed), ``load`` fetches a case's scan, ``skipped`` counts what was left out, by reason.
+
+    ``load`` may raise ``SeriesSkipped`` (counted in ``skipped``, the build goes on) or ``PacsError``
+    (the source is gone: the build commits what it added and stops).
+    """
+
+    skipped: Any
+
+    def cases(self, done: Container[str]) -> Iterator[ManifestCase]: ...
+
+    def load(self, case: ManifestCase) -> Volume: ...
 
 
 @dataclass
@@ -77,7 +98,7 @@ def prepare_case(case: ManifestCase, preprocessor: Preprocessor, load: ScanLoade
     from ..text.reports import parse_report
 
     hidden_source = case.metadata.get("source_name")
-    item: dict[str, Any] = {"record": case, "image": None, "error": None, "parsed": None,
+    item: dict[str, Any] = {"record": case, "image": None, "error": None, "skipped": None, "parsed": None,
                             "thumbnail": None, "shape": None, "spacing": None}
     try:
         if case.report:
@@ -90,6 +111,10 @@ def prepare_case(case: ManifestCase, preprocessor: Preprocessor, load: ScanLoade
             item["image"] = preprocessor(volume).numpy()
             item["thumbnail"] = thumbnail_png(volume)
             item["shape"], item["spacing"] = volume.shape, volume.spacing
+    except PacsError:
+        raise  # the source is gone: no later case can be loaded either
+    except SeriesSkipped as exc:
+        item["skipped"], item["error"] = exc.reason, str(exc)
     except MedFinderError as exc:
         item["error"] = str(exc)
     except Exception as exc:  # a broken case must never stop the build
@@ -167,7 +192,7 @@ def open_or_create(out: Path, model: Any, model_name: str | Path, settings: dict
 
 
 def build_index(
-    records: Sequence[ManifestCase],
+    records: Sequence[ManifestCase] | CaseStream,
     out: str | Path,
     model: str | Path,
     workers: int = 0,
@@ -179,11 +204,18 @@ def build_index(
     load: ScanLoader = load_scan,
 ) -> BuildSummary:
     """Add every record not yet in the index at ``out`` (created when absent), encoding with ``model``
-    (a model folder or a built-in model name) on ``device``; ``load`` fetches each case's scan."""
+    (a model folder or a built-in model name) on ``device``; ``load`` fetches each case's scan.
+
+    ``records`` may be a ``CaseStream`` (a PACS), which loads its own scans and needs ``workers=0``.
+    """
     from ..devices import resolve_device
     from ..model import load_model
 
     started = time.perf_counter()
+    stream = records if isinstance(records, CaseStream) else None
+    if stream is not None and workers:
+        raise MedFinderError("A PACS build fetches and prepares one series at a time in this process; "
+                             f"--workers must be 0, not {workers}.")
     out = Path(out)
     model_name = model
     model = load_model(model_name).to(resolve_device(device))
@@ -191,28 +223,74 @@ def build_index(
     summary = BuildSummary()
     try:
         done = index.case_ids()
-        todo = [r for r in records if r.case_id not in done]
-        summary.skipped_done = len(records) - len(todo)
+        preprocessor = model.make_preprocessor()
+        if stream is None:
+            todo = [r for r in records if r.case_id not in done]
+            summary.skipped_done = len(records) - len(todo)
+            dataset: Dataset = _PreparedCases(todo, preprocessor, load)
+            total: int | None = len(todo)
+        else:
+            seen = _CountingSet(done)
+            dataset = _StreamedCases(stream.cases(seen), preprocessor, stream.load)
+            total = None
         writer = CaseWriter(index, summary, commit_every_s)
-        loader = DataLoader(_PreparedCases(todo, model.make_preprocessor(), load), batch_size=1,
-                            collate_fn=_single, num_workers=workers, persistent_workers=False)
-        bar = tqdm(total=len(todo), desc="indexing", unit=" cases", disable=not progress)
-        for batch in _batches(loader, batch_size):
-            usable = []
-            for item in batch:
-                if item["error"]:
-                    writer.fail(item["record"].case_id, item["error"])
-                else:
-                    usable.append(item)
-            writer.add(encode_cases(model, usable) if usable else [])
-            bar.update(len(batch))
-            bar.set_postfix(failed=len(summary.failed))
-        bar.close()
+        loader = DataLoader(dataset, batch_size=1, collate_fn=_single, num_workers=workers, persistent_workers=False)
+        bar = tqdm(total=total, desc="indexing", unit=" cases", disable=not progress)
+        try:
+            for batch in _batches(loader, batch_size):
+                usable = []
+                for item in batch:
+                    if item["skipped"]:
+                        summary.skipped[item["skipped"]] = summary.skipped.get(item["skipped"], 0) + 1
+                        log.warning("Series %s left out: %s", item["record"].case_id, item["error"])
+                    elif item["error"]:
+                        writer.fail(item["record"].case_id, item["error"])
+                    else:
+                        usable.append(item)
+                writer.add(encode_cases(model, usable) if usable else [])
+                bar.update(len(batch))
+                bar.set_postfix(failed=len(summary.failed))
+        except (PacsError, KeyboardInterrupt):
+            # The source went away (or the user stopped): what was added is whole; keep it.
+            writer.commit()
+            raise
+        finally:
+            bar.close()
+            if stream is not None:
+                summary.skipped_done = seen.hits
+                for reason, count in dict(stream.skipped).items():
+                    summary.skipped[reason] = summary.skipped.get(reason, 0) + count
         writer.commit()
     finally:
         index.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class _CountingSet:
+    """The case ids already indexed, counting the ones a stream asks about and finds."""
+
+    def __init__(self, ids: set[str]) -> None:
+        self.ids = ids
+        self.hits = 0
+
+    def __contains__(self, case_id: object) -> bool:
+        found = case_id in self.ids
+        self.hits += found
+        return found
+
+
+class _StreamedCases(IterableDataset):
+    """``prepare_case`` for each case a stream yields, in this process (``workers=0``)."""
+
+    def __init__(self, cases: Iterator[ManifestCase], preprocessor: Preprocessor, load: ScanLoader) -> None:
+        self.cases = cases
+        self.preprocessor = preprocessor
+        self.load = load
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for case in self.cases:
+            yield prepare_case(case, self.preprocessor, self.load)
 
 
 class _PreparedCases(Dataset):

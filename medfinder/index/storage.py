@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST = "index.json"
 GENERATIONS = "generations"
 WRITE_LOCK = ".write.lock"
+#: The key of PACS case ids (``medfinder.index.privacy``), kept beside index.json.
+CASE_ID_KEY = "case_id.key"
 
 
 def now() -> str:
@@ -84,10 +86,11 @@ def os_problem(error: OSError | sqlite3.OperationalError) -> str:
 def is_empty_or_interrupted_create(folder: Path) -> bool:
     """True for an empty folder, or one holding only what a create killed before its
     first commit leaves (the write lock and uncommitted generation folders, no index.json):
-    the same create can then simply run again."""
+    the same create can then simply run again. The key of PACS case ids (``privacy.CASE_ID_KEY``) is
+    made before the index, so it may be there too."""
     if (folder / MANIFEST).exists():
         return False
-    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS}
+    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS, CASE_ID_KEY}
 
 
 def acquire_write_lock(folder: Path) -> Any:

@@ -37,3 +37,23 @@ def deidentified_header(ds: Any) -> Any:
     header.remove_private_tags()
     Anonymizer().anonymize(header)
     return header
+
+
+#: Case ids of series from a PACS: this prefix and 24 hex digits (96 bits) of an HMAC.
+PACS_CASE_PREFIX = "pacs-"
+
+
+def series_case_id(key: bytes, series_uid: str) -> str:
+    """The case id of a PACS series: a keyed hash (HMAC-SHA256) of its SeriesInstanceUID.
+
+    Keyed, because UIDs are known to everyone with access to the PACS: a plain hash of one could be
+    recomputed and matched to the index. With the key (kept in the index folder, readable by its
+    owner only) rebuilds give the same ids, so a re-run skips what is already indexed.
+    """
+    import hashlib
+    import hmac
+
+    if len(key) < 16:
+        raise ValueError("The case-id key must hold at least 16 bytes.")
+    digest = hmac.new(key, str(series_uid).strip().encode("ascii", "replace"), hashlib.sha256).hexdigest()
+    return f"{PACS_CASE_PREFIX}{digest[:24]}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from ..errors import (
 )
 from .volume import (
     CT_MODALITY,
+    DEFAULT_MAX_VOXELS,
     HU_MAX,
     HU_MIN,
     Volume,
@@ -74,17 +75,30 @@ def load_dicom_files(files: list[Path], max_voxels: int, label: str) -> Volume:
 
 
 def assemble_series(sources: Iterator[tuple[Any, Any]], max_voxels: int, label: str) -> Volume:
+    """The CT volume in files (or zip members): each ``(source, opener)`` is read with pydicom, and
+    what is not DICOM (a DICOMDIR reader, a readme, a thumbnail) is passed over."""
+    return assemble_datasets(_read_datasets(sources), max_voxels, label)
+
+
+def _read_datasets(sources: Iterator[tuple[Any, Any]]) -> Iterator[Any]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    for src, opener in sources:
+        try:
+            yield pydicom.dcmread(opener(src), stop_before_pixels=False, defer_size=256)
+        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not DICOM: skip it
+
+
+def assemble_datasets(datasets: Iterable[Any], max_voxels: int = DEFAULT_MAX_VOXELS, label: str = "the series") -> Volume:
+    """The CT volume in pydicom datasets already in memory (fetched from a PACS, received by the
+    listener, read from files): the same checks as ``load_volume`` on a DICOM folder, so a series is
+    a case by the same rules wherever it comes from. ``label`` names it in every error sentence."""
     slices: list[_Slice] = []
     other_modalities: dict[str, int] = {}
     no_pixels = 0
-    for src, opener in sources:
-        try:
-            ds = pydicom.dcmread(opener(src), stop_before_pixels=False, defer_size=256)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # not DICOM (a DICOMDIR reader, a readme, a thumbnail): skip it
+    for k, ds in enumerate(datasets):
         modality = str(ds.get("Modality", "")).upper()
         if "PixelData" not in ds:
             no_pixels += 1
@@ -95,7 +109,7 @@ def assemble_series(sources: Iterator[tuple[Any, Any]], max_voxels: int, label: 
         try:
             slices.append(
                 _Slice(
-                    source=src,
+                    source=k,
                     series=str(ds.get("SeriesInstanceUID", "")),
                     modality=modality,
                     position=np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
@@ -236,3 +250,63 @@ def _safe_header_fields(ds: Any) -> dict[str, Any]:
     if len(date) >= 4 and date[:4].isdigit():
         out["study_year"] = int(date[:4])
     return out
+
+
+# ------------------------------------------------------------------ what a DICOM instance is
+#: Why an instance is not a slice of a CT volume: the short reasons a PACS build counts.
+LOCALIZER = "localizer or scout"
+DOSE_REPORT = "dose report"
+SECONDARY_CAPTURE = "secondary capture"
+TEXT_REPORT = "report (text SR), read as its study's report"
+OTHER_SR = "structured report without a text report"
+MULTIFRAME_CT = "multi-frame (enhanced) CT, not read"
+_SECONDARY_CAPTURE_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+                              "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"}
+_ENHANCED_CT_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def not_a_ct_slice(ds: Any) -> str | None:
+    """Why the instance (or a QIDO result standing for its series) is not a slice of a CT volume, as
+    one of the short reasons above or "modality MR, not CT"; None when it may be one.
+
+    Decided from the header alone (SOP class, modality, ImageType, series description): localizers
+    and scouts (ImageType LOCALIZER), dose reports (dose SRs, dose screens), secondary captures,
+    structured reports and other modalities. Whether the slices form a volume is ``assemble_datasets``'s
+    business.
+    """
+    from .structured_reports import is_dose_report, is_text_report
+
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").upper()
+    image_type = _upper_values(ds.get("ImageType"))
+    description = str(ds.get("SeriesDescription", "") or "").upper()
+    # Dose screens: Siemens stores "Patient Protocol", GE "Dose Report", both as captures of the console.
+    if (is_dose_report(ds) or "DOSE" in description or "PATIENT PROTOCOL" in description
+            or any("DOSE" in v for v in image_type)):
+        return DOSE_REPORT
+    if is_text_report(ds):
+        return TEXT_REPORT
+    if sop.startswith(_SR_PREFIX) or modality == "SR":
+        return OTHER_SR
+    # By SOP class only: a DERIVED\\SECONDARY reformat stored as a CT image is a volume like any other.
+    if sop in _SECONDARY_CAPTURE_CLASSES:
+        return SECONDARY_CAPTURE
+    if "LOCALIZER" in image_type:
+        return LOCALIZER
+    if modality and modality != CT_MODALITY:
+        return f"modality {modality}, not CT"
+    if sop in _ENHANCED_CT_CLASSES:
+        return MULTIFRAME_CT
+    return None
+
+
+def _upper_values(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [v.strip().upper() for v in value.split("\\")]
+    try:
+        return [str(v).strip().upper() for v in value]
+    except TypeError:
+        return [str(value).strip().upper()]
