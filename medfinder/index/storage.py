@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST = "index.json"
 GENERATIONS = "generations"
 WRITE_LOCK = ".write.lock"
+#: The Milvus Lite file an index with the milvus backend keeps in its folder when given no other.
+LITE_FILE = "vectors.milvus.db"
 
 
 def now() -> str:
@@ -83,11 +85,11 @@ def os_problem(error: OSError | sqlite3.OperationalError) -> str:
 
 def is_empty_or_interrupted_create(folder: Path) -> bool:
     """True for an empty folder, or one holding only what a create killed before its
-    first commit leaves (the write lock and uncommitted generation folders, no index.json):
-    the same create can then simply run again."""
+    first commit leaves (the write lock, uncommitted generation folders and a Milvus Lite file,
+    no index.json): the same create can then simply run again."""
     if (folder / MANIFEST).exists():
         return False
-    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS}
+    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS, LITE_FILE}
 
 
 def acquire_write_lock(folder: Path) -> Any:
