@@ -2,6 +2,8 @@
 
     python -m index_build --manifest CSV --out DIR [--model M] [--workers N]
     (or --bimcv-r ROOT, --ct-rate ROOT, --dicom-tree ROOT instead of --manifest)
+    ... --ray [ADDRESS] [--ray-actors N] [--ray-gpus-per-actor G]   (prepare and encode on Ray)
+    ... --vectors milvus://host:19530 | milvus-lite                 (a new index's vectors in Milvus)
 """
 
 import sys

@@ -26,10 +26,24 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="index folder (created, or extended when it exists)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder or built-in model name (default: {DEFAULT_MODEL}, the real-CT tower)")
-    p.add_argument("--workers", type=int, default=0, help="processes loading and preprocessing volumes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes loading and preprocessing volumes (without --ray; Ray schedules its own)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--backend", choices=("hnsw", "exact"), default="hnsw")
+    p.add_argument("--backend", choices=("hnsw", "exact", "milvus"), default=None,
+                   help="where a new index keeps its vectors: hnsw files (default), exact (numpy) or milvus")
+    p.add_argument("--vectors", metavar="URI", default=None,
+                   help="the Milvus of a new index (implies --backend milvus): milvus://host:19530, https://host:port, "
+                        "milvus-lite (a file in the index folder) or milvus-lite:///path/vectors.db")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model encodes")
+    ray = p.add_argument_group("Ray (scale-out)")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="prepare and encode on Ray: no ADDRESS starts a local Ray; 'auto' or ray://host:10001 "
+                          "joins a cluster (this process stays the index's only writer)")
+    ray.add_argument("--ray-actors", type=int, default=None, metavar="N", help="encoder actors, one model each (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=None, metavar="G",
+                     help="GPUs per encoder actor (default 0: encode on CPUs)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=None, metavar="C",
+                     help="CPUs per encoder actor, its PyTorch threads (default 1)")
     p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
                    help="commit at least this often, bounding the work an interruption loses (default 30)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -46,6 +60,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         fail("--workers must be 0 or more.")
+    ray_options = {"actors": args.ray_actors, "gpus_per_actor": args.ray_gpus_per_actor,
+                   "cpus_per_actor": args.ray_cpus_per_actor}
+    if args.ray is None and any(v is not None for v in ray_options.values()):
+        fail("--ray-actors, --ray-gpus-per-actor and --ray-cpus-per-actor need --ray.")
+    backend = args.backend or ("milvus" if args.vectors else "hnsw")
+    if args.vectors and backend != "milvus":
+        fail(f"--vectors names where Milvus keeps the vectors; it cannot be combined with --backend {backend}.")
+    args.backend_settings = {"backend": backend, **({"vectors": args.vectors} if args.vectors else {})}
     if args.dicomweb is None:
         given = [flag for flag, value in (("--reports", args.reports), ("--since", args.since),
                                           ("--link-to-pacs", args.link_to_pacs)) if value]
@@ -65,9 +87,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         records, source = read_dicom_tree(args.dicom_tree), "dicom-tree"
     _warn_if_demo_model_on_real_scans(args.model, records)
-    summary = build_index(records, args.out, model=args.model, workers=args.workers, batch_size=args.batch_size,
-                          settings={"backend": args.backend, "source": source}, device=args.device,
-                          commit_every_s=args.commit_every, progress=not args.quiet)
+    settings = {**args.backend_settings, "source": source}
+    if args.ray is not None:
+        from ..index.ray_build import build_index_with_ray
+
+        chosen = {k: v for k, v in ray_options.items() if v is not None}
+        summary = build_index_with_ray(records, args.out, model=args.model, address=args.ray, batch_size=args.batch_size,
+                                       settings=settings, device=args.device, commit_every_s=args.commit_every,
+                                       progress=not args.quiet, **chosen)
+    else:
+        summary = build_index(records, args.out, model=args.model, workers=args.workers, batch_size=args.batch_size,
+                              settings=settings, device=args.device, commit_every_s=args.commit_every,
+                              progress=not args.quiet)
     print(json.dumps(summary.to_json(), indent=2))
     return 0
 
@@ -78,6 +109,8 @@ def _run_dicomweb(args: argparse.Namespace) -> int:
 
     if args.workers:
         fail("A PACS build fetches one series at a time; --workers must be 0 with --dicomweb.")
+    if args.ray is not None:
+        fail("A PACS build fetches one series at a time in this process; --ray does not apply to --dicomweb.")
     if args.since is not None:
         try:
             check_study_date(args.since)
@@ -93,7 +126,7 @@ def _run_dicomweb(args: argparse.Namespace) -> int:
     from ..pacs.build import build_from_dicomweb
 
     summary = build_from_dicomweb(args.dicomweb, args.out, model=args.model, reports=args.reports, since=args.since,
-                                  link_to_pacs=args.link_to_pacs, client=client, settings={"backend": args.backend},
+                                  link_to_pacs=args.link_to_pacs, client=client, settings=args.backend_settings,
                                   batch_size=args.batch_size, device=args.device, commit_every_s=args.commit_every,
                                   progress=not args.quiet)
     print(json.dumps(summary.to_json(), indent=2))

@@ -56,7 +56,11 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-window-fraction", type=float, default=defaults.min_window_fraction)
     p.add_argument("--no-cache", action="store_true", help="stream volumes instead of keeping them in memory")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on a GPU")
-    p.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-augment", action="store_true", help="train on the volumes as preprocessed (no random views)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the image tower's stages in the backward pass: less GPU memory for a large tower")
+    p.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when present; under torchrun each process takes the GPU of its LOCAL_RANK")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
 
@@ -90,10 +94,11 @@ def run_train(a: argparse.Namespace) -> int:
         label_head_weight=a.label_head_weight, label_balance=a.label_balance, lock_image=a.lock_image,
         feature_views=a.feature_views, full_report_probability=a.full_report_probability,
         min_window_fraction=a.min_window_fraction, cache=not a.no_cache, amp=not a.no_amp, device=a.device,
-        max_steps=a.max_steps,
+        max_steps=a.max_steps, augment=not a.no_augment, activation_checkpointing=a.activation_checkpointing,
     )
     result = train(settings, records=records, resume=a.resume, loader=load_scan)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, one summary (rank 0's)
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     return 0
 
 

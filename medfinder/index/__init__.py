@@ -5,6 +5,7 @@ from .build import BuildSummary, build_index
 from .case_index import CHANNELS, CaseEntry, CaseIndex
 from .cases import StoredCase
 from .hnsw import HnswIndex
+from .ray_build import build_index_with_ray
 from .vectors import ExactIndex, VectorIndex
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "StoredCase",
     "VectorIndex",
     "build_index",
+    "build_index_with_ray",
 ]

@@ -8,8 +8,9 @@ Three steps, each a seam another engine can take over:
   so an interrupted build loses at most that much and re-running it skips every committed case.
 
 ``build_index`` runs them on this machine: a local pool of ``workers`` processes prepares, this process
-encodes and writes. A case that cannot be used is logged with its reason and counted, never stopping
-the build.
+encodes and writes; ``medfinder.index.ray_build.build_index_with_ray`` runs the first two on a Ray
+cluster and keeps the writer here. A case that cannot be used is logged with its reason and counted,
+never stopping the build.
 
 Its records are a list (a manifest, a dataset layout) or a ``CaseStream`` (a PACS): a source that
 lists its cases as it goes, is told which are already indexed before it fetches anything, loads each
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from ..errors import MedFinderError, PacsError, SeriesSkipped
+from ..errors import CaseIndexError, MedFinderError, PacsError, SeriesSkipped
 from ..io.manifests import ManifestCase
 from ..io.volume import Volume
 from ..transforms.preprocess import Preprocessor
@@ -71,6 +72,9 @@ class BuildSummary:
     seconds: float = 0.0
     #: Cases a source left out before the build (a PACS's localizers, say): reason -> count.
     skipped: dict[str, int] = field(default_factory=dict)
+    #: Seconds from the start until the first case was written: the pipeline's start-up (model loading,
+    #: worker processes, the first batch), which a short build pays in full and a long one amortises.
+    first_case_s: float | None = None
 
     @property
     def cases_per_s(self) -> float:
@@ -81,6 +85,8 @@ class BuildSummary:
                "failures": self.failed, "seconds": round(self.seconds, 2), "cases_per_s": round(self.cases_per_s, 2)}
         if self.skipped:
             out["skipped"] = dict(self.skipped)
+        if self.first_case_s is not None:
+            out["first_case_s"] = round(self.first_case_s, 2)
         return out
 
 
@@ -159,11 +165,13 @@ def encode_cases(model: Any, items: list[dict[str, Any]]) -> list[CaseEntry]:
 class CaseWriter:
     """The one writer of a build: adds batches of entries and commits at least every ``commit_every_s``."""
 
-    def __init__(self, index: CaseIndex, summary: BuildSummary, commit_every_s: float) -> None:
+    def __init__(self, index: CaseIndex, summary: BuildSummary, commit_every_s: float,
+                 started: float | None = None) -> None:
         self.index = index
         self.summary = summary
         self.commit_every_s = commit_every_s
         self._last_commit = time.perf_counter()
+        self._started = self._last_commit if started is None else started
 
     def fail(self, case_id: str, reason: str) -> None:
         self.summary.failed[case_id] = reason
@@ -173,6 +181,8 @@ class CaseWriter:
         if entries:
             self.index.add(entries)
             self.summary.added += len(entries)
+            if self.summary.first_case_s is None:
+                self.summary.first_case_s = time.perf_counter() - self._started
         if time.perf_counter() - self._last_commit > self.commit_every_s:
             self.commit()
 
@@ -186,6 +196,16 @@ def open_or_create(out: Path, model: Any, model_name: str | Path, settings: dict
     from ..model import model_id
 
     if (out / "index.json").exists():
+        wanted = (settings or {}).get("vectors")
+        if wanted:
+            from .milvus import normalise_uri
+
+            recorded = CaseIndex.read_info(out)["settings"].get("vectors")
+            if recorded != normalise_uri(str(wanted), out):
+                raise CaseIndexError(
+                    f"The case index at {out} keeps its vectors in {recorded or 'its own folder'}, not in {wanted}; "
+                    "an index's vectors cannot move to another place."
+                )
         return CaseIndex.open(out, fingerprint=model.fingerprint, writable=True)
     return CaseIndex.create(out, model_id=model_id(model_name), fingerprint=model.fingerprint,
                             dims=model.index_channels(), settings=settings)
@@ -233,7 +253,7 @@ def build_index(
             seen = _CountingSet(done)
             dataset = _StreamedCases(stream.cases(seen), preprocessor, stream.load)
             total = None
-        writer = CaseWriter(index, summary, commit_every_s)
+        writer = CaseWriter(index, summary, commit_every_s, started)
         loader = DataLoader(dataset, batch_size=1, collate_fn=_single, num_workers=workers, persistent_workers=False)
         bar = tqdm(total=total, desc="indexing", unit=" cases", disable=not progress)
         try:

@@ -9,6 +9,10 @@ Each generation folder (``medfinder.index.storage``) holds::
     report_text.hnsw        raw text-tower report embeddings (report-to-report)
     keywords.json           keyword postings (``medfinder.index.keywords``)
 
+With the ``milvus`` backend a channel's vectors live in a Milvus collection instead, and its
+``<channel>.milvus`` file is a small descriptor; ``medfinder.index.milvus`` states how such an index
+keeps the same commit point and crash safety.
+
 Unchanged files are hard-linked from the previous generation, so committing a small addition to
 a large index does not copy the untouched channels. A writer holds the folder's write lock so two
 builds cannot interleave; readers take no lock.
@@ -49,6 +53,7 @@ from .storage import (
     FORMAT,
     FORMAT_VERSION,
     GENERATIONS,
+    LITE_FILE,
     MANIFEST,
     WRITE_LOCK,
     acquire_write_lock,
@@ -69,7 +74,8 @@ from .vectors import ExactIndex, VectorIndex, normalise
 log = logging.getLogger(__name__)
 
 KEYWORDS_FILE = "keywords.json"
-BACKENDS = ("hnsw", "exact")
+BACKENDS = ("hnsw", "exact", "milvus")
+_VECTOR_FILE_SUFFIX = {"hnsw": "hnsw", "exact": "npz", "milvus": "milvus"}
 
 #: The channels MedFinder builds; an index may hold any subset (the dims given to create()).
 CHANNELS = {
@@ -136,8 +142,9 @@ class CaseIndex:
         self._db: sqlite3.Connection | None = None
         self._keywords: Any = None
         self._vectors: dict[str, VectorIndex] = {}
+        self._milvus: Any = None  # the MilvusClient of the milvus backend
         if empty:
-            self._vectors = {channel: self._new_vector_index(dim) for channel, dim in manifest["dims"].items()}
+            self._vectors = self._create_vectors()
             self._keywords = KeywordIndex()
             return
         try:
@@ -145,6 +152,7 @@ class CaseIndex:
         except BaseException:
             if self._db is not None:
                 self._db.close()
+            self._close_milvus()
             raise
 
     # ------------------------------------------------------------------ opening and creating
@@ -159,12 +167,19 @@ class CaseIndex:
     ) -> "CaseIndex":
         """Make a new, empty index in ``folder`` (absent or empty) and open it for writing.
 
-        ``settings`` may set ``backend`` ("hnsw" or "exact"), ``M``, ``ef_construction`` and
+        ``settings`` may set ``backend`` ("hnsw", "exact" or "milvus"), ``M``, ``ef_construction`` and
         ``ef``; any other JSON-serialisable keys are kept as build settings (preset, manifest...).
+        With ``backend="milvus"``, ``vectors`` is where the vectors go (``milvus://host:19530``, or
+        ``milvus-lite``, the default: a Milvus Lite file inside the folder; see ``medfinder.index.milvus``).
         """
         folder = Path(folder)
         dims = cls._check_dims(dims)
         settings = cls._check_settings(settings or {})
+        if settings["backend"] == "milvus":
+            from .milvus import collection_prefix, normalise_uri
+
+            settings["vectors"] = normalise_uri(str(settings.get("vectors") or "milvus-lite"), folder)
+            settings["collection_prefix"] = collection_prefix()
         if not model_id or not fingerprint:
             raise CaseIndexError(f"A case index at {folder} needs a model id and a model fingerprint.")
         if folder.exists() and (not folder.is_dir() or not is_empty_or_interrupted_create(folder)):
@@ -180,6 +195,7 @@ class CaseIndex:
             raise CaseIndexError(f"Cannot create a case index at {folder}: another process has just created one there.")
         # Holding the lock, the remains of an interrupted create are nobody's work in progress.
         shutil.rmtree(folder / GENERATIONS, ignore_errors=True)
+        shutil.rmtree(folder / LITE_FILE, ignore_errors=True)
         stamp = now()
         manifest = {
             "format": FORMAT,
@@ -194,15 +210,25 @@ class CaseIndex:
             "created": stamp,
             "updated": stamp,
         }
-        index = cls(folder, manifest, True, lock_handle, False, empty=True)
+        try:
+            index = cls(folder, manifest, True, lock_handle, False, empty=True)
+        except BaseException:
+            lock_handle.close()
+            (folder / WRITE_LOCK).unlink(missing_ok=True)
+            shutil.rmtree(folder / LITE_FILE, ignore_errors=True)
+            if made_folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         try:
             index._begin_write()
             index._dirty.update({CASES_FILE, KEYWORDS_FILE, *dims})
             index.commit()
         except BaseException:
             # Leave the folder as it was found, so that create can simply be run again.
+            index._drop_created_collections()
             index.close()
             shutil.rmtree(folder / GENERATIONS, ignore_errors=True)
+            shutil.rmtree(folder / LITE_FILE, ignore_errors=True)
             (folder / WRITE_LOCK).unlink(missing_ok=True)
             if made_folder:
                 try:
@@ -260,6 +286,11 @@ class CaseIndex:
             raise
         if writable:
             index._remove_stale_generations()
+            try:
+                index._recover_milvus()
+            except BaseException:
+                index.close()
+                raise
         return index
 
     @staticmethod
@@ -292,14 +323,70 @@ class CaseIndex:
             raise CaseIndexError(f"The index settings must be JSON values ({error}).") from error
         return merged
 
-    def _new_vector_index(self, dim: int) -> VectorIndex:
+    def _create_vectors(self) -> dict[str, VectorIndex]:
+        """The empty vector backends of a new index (for Milvus: its new collections)."""
         settings = self._manifest["settings"]
+        dims = self._manifest["dims"]
         if settings["backend"] == "exact":
-            return ExactIndex(dim)
-        return HnswIndex(dim, M=settings["M"], ef_construction=settings["ef_construction"], ef=settings["ef"])
+            return {channel: ExactIndex(dim) for channel, dim in dims.items()}
+        if settings["backend"] == "milvus":
+            from .milvus import MilvusIndex
+
+            self._milvus = self._connect_milvus()
+            made: dict[str, VectorIndex] = {}
+            try:
+                for channel, dim in dims.items():
+                    made[channel] = MilvusIndex.create(self._milvus, self._collection(channel), dim, settings["vectors"])
+            except BaseException:
+                self._vectors = made
+                self._drop_created_collections()
+                self._close_milvus()
+                raise
+            return made
+        return {channel: HnswIndex(dim, M=settings["M"], ef_construction=settings["ef_construction"], ef=settings["ef"])
+                for channel, dim in dims.items()}
 
     def _vector_file(self, channel: str) -> str:
-        return f"{channel}.{'npz' if self._manifest['settings']['backend'] == 'exact' else 'hnsw'}"
+        return f"{channel}.{_VECTOR_FILE_SUFFIX[self._manifest['settings']['backend']]}"
+
+    # ------------------------------------------------------------------ the milvus backend
+    def _connect_milvus(self) -> Any:
+        from .milvus import connect
+
+        return connect(self._manifest["settings"]["vectors"], self.folder)
+
+    def _collection(self, channel: str) -> str:
+        return f"{self._manifest['settings']['collection_prefix']}_{channel}"
+
+    def _milvus_indexes(self) -> list[Any]:
+        from .milvus import MilvusIndex
+
+        return [v for v in self._vectors.values() if isinstance(v, MilvusIndex)]
+
+    def _recover_milvus(self) -> None:
+        """A writer first finishes what a killed writer left in Milvus (see ``medfinder.index.milvus``):
+        rows of uncommitted batches are deleted and the committed generation's deletions applied."""
+        for vectors in self._milvus_indexes():
+            stale = vectors.purge_uncommitted()
+            if stale:
+                log.warning("Removed %d vectors of an uncommitted batch from the Milvus collection %s.",
+                            stale, vectors.collection)
+            vectors.apply_deletes()
+
+    def _drop_created_collections(self) -> None:
+        """Undo a create that failed: its collections belong to no index."""
+        for vectors in self._milvus_indexes():
+            try:
+                vectors.client.drop_collection(vectors.collection)
+            except Exception:  # best effort: an orphan collection is named after no index
+                pass
+
+    def _close_milvus(self) -> None:
+        if self._milvus is not None:
+            from .milvus import disconnect
+
+            disconnect(self._milvus, self._manifest["settings"]["vectors"], self.folder)
+            self._milvus = None
 
     def _generation_dir(self, generation: int | None = None) -> Path:
         return generation_dir(self.folder, self._manifest["generation"] if generation is None else generation)
@@ -330,10 +417,18 @@ class CaseIndex:
         except CaseIndexError as error:
             raise CaseIndexError(f"The keyword postings {keywords_path} cannot be used: {str(error).rstrip('.')}.") from error
         settings = self._manifest["settings"]
+        if settings["backend"] == "milvus":
+            self._milvus = self._connect_milvus()
         for channel, dim in self._manifest["dims"].items():
             path = directory / self._vector_file(channel)
             if settings["backend"] == "exact":
                 vectors: VectorIndex = ExactIndex.load(path, dim)
+            elif settings["backend"] == "milvus":
+                from .milvus import MilvusIndex
+
+                descriptor = MilvusIndex.read_descriptor(path)
+                vectors = MilvusIndex.open(self._milvus, descriptor["collection"], dim, self._manifest["next_label"],
+                                           descriptor["deleted"], settings["vectors"])
             else:
                 vectors = HnswIndex.load(path, dim, ef=settings["ef"])
             if len(vectors) != self._manifest["counts"].get(channel):
@@ -395,6 +490,10 @@ class CaseIndex:
             assert db is not None
             existing = {row[1]: (row[0], json.loads(row[2])) for row in select(
                 db, "SELECT label, case_id, channels FROM cases WHERE case_id IN ({})", ids)}
+            # Milvus rows are only hidden by their label until a commit (medfinder.index.milvus), so
+            # there a replaced case gets a fresh label rather than overwriting a committed row.
+            fresh_labels = self._manifest["settings"]["backend"] == "milvus"
+            replaced: list[int] = []
             per_channel: dict[str, tuple[list[int], list[np.ndarray]]] = {c: ([], []) for c in self._manifest["dims"]}
             drops: dict[str, list[int]] = {c: [] for c in self._manifest["dims"]}
             rows, thumbnails = [], []
@@ -402,9 +501,14 @@ class CaseIndex:
             stamp = now()
             for entry, (vectors, metadata), parsed in zip(cases, prepared, reports):
                 findings = [finding_dict(f) for f in (entry.findings or (parsed.findings if parsed is not None else []))]
-                if entry.case_id in existing:
+                if entry.case_id in existing and not fresh_labels:
                     label, old_channels = existing[entry.case_id]
                 else:
+                    if entry.case_id in existing:  # a fresh label for a replaced case (milvus)
+                        old_label, previous = existing[entry.case_id]
+                        replaced.append(old_label)
+                        for channel in previous:
+                            drops[channel].append(old_label)
                     label, old_channels = next_label, []
                     next_label += 1
                 for channel in old_channels:
@@ -421,7 +525,7 @@ class CaseIndex:
                 ))
                 thumbnails.append((label, entry.thumbnail_png))
             try:
-                insert_rows(db, rows, thumbnails)
+                insert_rows(db, rows, thumbnails, replaced)
             except sqlite3.OperationalError as error:
                 # The transaction rolled back and the keyword postings, vector indexes and label
                 # counter are changed only below, so the batch is simply not added.
@@ -559,6 +663,12 @@ class CaseIndex:
                 self._db.close()
             self._db = connect_read_only(final / CASES_FILE)
             self._remove_stale_generations()
+            for vectors in self._milvus_indexes():
+                try:
+                    vectors.committed()
+                except CaseIndexError as error:
+                    # Committed all the same: the rows stay hidden, and the next writer deletes them.
+                    log.warning("%s The deleted cases stay hidden until the next writer removes them.", error)
 
     def _write_components(self, work: Path) -> dict[str, dict]:
         """Write changed vector files and keyword postings into ``work``; hard-link unchanged ones."""
@@ -594,6 +704,17 @@ class CaseIndex:
     def close(self) -> None:
         """Release the write lock and drop uncommitted changes."""
         with self._lock:
+            if self._dirty and self._lock_handle is not None and self._milvus_indexes():
+                # add() has moved this instance's next_label on; the committed one is in index.json.
+                # A writer applied the committed deletions when it opened or committed: none stay hidden.
+                try:
+                    committed_next_label = int(read_manifest(self.folder)["next_label"])
+                except CaseIndexError:
+                    committed_next_label = None
+                if committed_next_label is not None:
+                    for vectors in self._milvus_indexes():
+                        vectors.drop_uncommitted(committed_next_label, set())
+            self._close_milvus()
             if self._work_db is not None:
                 self._work_db.close()
                 self._work_db = None

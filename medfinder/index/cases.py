@@ -87,8 +87,14 @@ def select(db: sqlite3.Connection, sql: str, values: Sequence[Any]) -> list[tupl
     return rows
 
 
-def insert_rows(db: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes | None]]) -> None:
+def insert_rows(db: sqlite3.Connection, rows: list[tuple], thumbnails: list[tuple[int, bytes | None]],
+                replaced: Sequence[int] = ()) -> None:
+    """Insert or update case rows and thumbnails in one transaction; ``replaced`` labels (cases that
+    come back under a fresh label) are removed in the same transaction."""
     with db:
+        if replaced:
+            db.executemany("DELETE FROM cases WHERE label = ?", [(label,) for label in replaced])
+            db.executemany("DELETE FROM thumbnails WHERE label = ?", [(label,) for label in replaced])
         db.executemany(
             "INSERT INTO cases (label, case_id, report, findings, source, shape, spacing, metadata, channels, added) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET "

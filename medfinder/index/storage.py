@@ -38,6 +38,8 @@ GENERATIONS = "generations"
 WRITE_LOCK = ".write.lock"
 #: The key of PACS case ids (``medfinder.index.privacy``), kept beside index.json.
 CASE_ID_KEY = "case_id.key"
+#: The Milvus Lite file an index with the milvus backend keeps in its folder when given no other.
+LITE_FILE = "vectors.milvus.db"
 
 
 def now() -> str:
@@ -85,12 +87,12 @@ def os_problem(error: OSError | sqlite3.OperationalError) -> str:
 
 def is_empty_or_interrupted_create(folder: Path) -> bool:
     """True for an empty folder, or one holding only what a create killed before its
-    first commit leaves (the write lock and uncommitted generation folders, no index.json):
-    the same create can then simply run again. The key of PACS case ids (``privacy.CASE_ID_KEY``) is
-    made before the index, so it may be there too."""
+    first commit leaves (the write lock, uncommitted generation folders, a Milvus Lite file, no
+    index.json): the same create can then simply run again. The key of PACS case ids
+    (``privacy.CASE_ID_KEY``) is made before the index, so it may be there too."""
     if (folder / MANIFEST).exists():
         return False
-    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS, CASE_ID_KEY}
+    return {p.name for p in folder.iterdir()} <= {WRITE_LOCK, GENERATIONS, LITE_FILE, CASE_ID_KEY}
 
 
 def acquire_write_lock(folder: Path) -> Any:

@@ -52,15 +52,35 @@ class Centering(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor, update: bool = True) -> torch.Tensor:
-        if self.training and update and x.shape[0] > 1:
-            with torch.no_grad():
-                mean = x.detach().float().mean(dim=0)
-                if bool(self.initialized):
-                    self.center.lerp_(mean, self.momentum)
-                else:
-                    self.center.copy_(mean)
-                    self.initialized.fill_(True)
+        if self.training and update:
+            mean = _global_batch_mean(x) if _data_parallel() else (x.detach().float().mean(dim=0) if x.shape[0] > 1 else None)
+            if mean is not None:
+                with torch.no_grad():
+                    if bool(self.initialized):
+                        self.center.lerp_(mean, self.momentum)
+                    else:
+                        self.center.copy_(mean)
+                        self.initialized.fill_(True)
         return x - self.center.to(x.dtype)
+
+
+def _data_parallel() -> bool:
+    """Whether this process trains as one rank of several (torchrun; see ``medfinder.training.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_batch_mean(x: torch.Tensor) -> torch.Tensor | None:
+    """The mean over every rank's rows (None for a global batch of one), so each rank's centre is the
+    one a single process would track on the whole batch. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        total = torch.cat([x.detach().float().sum(dim=0), x.new_tensor([x.shape[0]], dtype=torch.float32)])
+        dist.all_reduce(total)
+    count = int(total[-1].item())
+    return total[:-1] / count if count > 1 else None
 
 
 def _projection(kind: str, in_dim: int, out_dim: int, hidden: int) -> nn.Module:

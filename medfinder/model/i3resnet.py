@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Bottleneck3d", "I3ResNet"]
 
@@ -82,6 +83,7 @@ class I3ResNet(nn.Module):
             layer += [Bottleneck3d(channels, width) for _ in range(count - 1)]
             stages.append(nn.Sequential(*layer))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.activation_checkpointing = False  # see ImageTower.set_activation_checkpointing
 
     @classmethod
     def resnet152(cls, in_channels: int = 1) -> "I3ResNet":
@@ -91,5 +93,9 @@ class I3ResNet(nn.Module):
         """(B, 1, x, y, z) in [0, 1] -> layer4's feature map (B, 2048, x', y', z')."""
         x = x.permute(0, 1, 4, 2, 3).expand(-1, 3, -1, -1, -1)  # (B, 3, z, x, y)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if self.activation_checkpointing and stage.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return x.permute(0, 1, 3, 4, 2)  # back to (B, C, x', y', z')

@@ -76,6 +76,18 @@ class ImageTower(nn.Module):
             self.dim *= regions * (2 if self.pooling == "avgmax" else 1)
         if config.frozen:
             self.requires_grad_(False)
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each ResNet stage's activations in the backward pass instead of keeping them
+        (``torch.utils.checkpoint``): a large tower trains in less memory for about a third more compute.
+        Only while training with gradients; BatchNorm running statistics are updated once more by the
+        recomputation (a second step of their moving average)."""
+        if enabled and self.kind == "vit":
+            raise ModelError("Activation checkpointing is implemented for the ResNet and I3ResNet towers, not the ViT.")
+        self.activation_checkpointing = enabled
+        if self.kind == "i3resnet152":
+            self.backbone.activation_checkpointing = enabled
 
     @property
     def has_feature_map(self) -> bool:
@@ -92,7 +104,9 @@ class ImageTower(nn.Module):
         x = net.act(net.bn1(net.conv1(x)))
         if not net.no_max_pool:
             x = net.maxpool(x)
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = run_stage(stage, x, self.activation_checkpointing)
+        return x
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """(B, dim) from a feature map, as ``forward`` pools it."""
@@ -112,11 +126,24 @@ class ImageTower(nn.Module):
         return self.pool(self.feature_map(x))
 
 
+def run_stage(stage: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """One backbone stage, its activations recomputed in the backward pass when ``checkpointed``
+    (and gradients are being recorded)."""
+    if checkpointed and stage.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(stage, x, use_reentrant=False)
+    return stage(x)
+
+
 def _monai_resnet(config: ImageTowerConfig, in_channels: int) -> tuple[nn.Module, int]:
     from monai.networks.nets import ResNet
 
     block, layers = _RESNET_BLOCKS[config.backbone]
     widths = list(config.widths)
+    # "instance" needs its affine weights (MONAI's initialisation sets them); it does not depend on
+    # the batch, so a tower trained with DDP computes the same however a global batch is split.
+    norm: str | tuple = ("instance", {"affine": True}) if config.norm == "instance" else config.norm
     net = ResNet(
         block=block,
         layers=list(config.layers or layers),
@@ -127,9 +154,22 @@ def _monai_resnet(config: ImageTowerConfig, in_channels: int) -> tuple[nn.Module
         conv1_t_stride=config.stem_stride,
         no_max_pool=not config.max_pool,
         feed_forward=False,
-        norm=config.norm,
+        norm=norm,
     )
+    if config.norm != "batch":
+        _renormalise(net, norm)
     return net, widths[-1] * (4 if block == "bottleneck" else 1)
+
+
+def _renormalise(net: nn.Module, norm: str | tuple) -> None:
+    """Give every block the config's normalisation. MONAI 1.6's ResNet passes ``norm`` to its stem
+    only: its blocks and shortcuts keep BatchNorm whatever is asked."""
+    from monai.networks.layers.utils import get_norm_layer
+
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm3d):
+                setattr(parent, name, get_norm_layer(name=norm, spatial_dims=3, channels=child.num_features))
 
 
 def _monai_vit(config: ImageTowerConfig, preprocess: PreprocessConfig, in_channels: int) -> nn.Module:

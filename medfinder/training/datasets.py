@@ -123,6 +123,20 @@ class CaseDataset(Dataset):
         if self.failures:
             log.warning("%d case(s) skipped because their image could not be used.", len(self.failures))
 
+    def check(self, indices: Sequence[int], workers: int = 0) -> dict[str, str]:
+        """Preprocess the cases at ``indices`` once without keeping them, recording which fail:
+        {case id: reason}. A data-parallel run without the cache learns up front which cases to skip."""
+        from tqdm.auto import tqdm
+
+        loader = DataLoader(torch.utils.data.Subset(_Uncached(self), list(indices)), batch_size=None,
+                            num_workers=workers, collate_fn=_identity)
+        failed: dict[str, str] = {}
+        for index, image, failure in tqdm(loader, total=len(indices), desc="checking", unit="case", leave=False):
+            if image is None:
+                failed[self.records[index].case_id] = failure
+        self.failures.update(failed)
+        return failed
+
     def usable_indices(self) -> list[int]:
         failed = set(self.failures)
         return [i for i, r in enumerate(self.records) if r.case_id not in failed]

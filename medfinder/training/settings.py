@@ -37,6 +37,8 @@ class TrainSettings:
     cache: bool = True
     amp: bool = True
     device: str = "auto"
+    augment: bool = True  # random spatial and intensity augmentation of each training view
+    activation_checkpointing: bool = False  # recompute the image tower's stages in backward: less memory
     max_steps: int | None = None
     init: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -9,7 +9,9 @@ loss = symmetric InfoNCE of each view against the text (averaged) + ``view_weigh
 consistency + optionally ``finding_weight`` x a finding loss against the label columns.
 AdamW with linear warmup and cosine decay; bf16 autocast on a GPU (not on a CPU: see where
 ``train`` sets ``amp``); DataLoader workers;
-gradient accumulation (negatives stay per micro-batch). The split is the hash split of
+gradient accumulation (negatives stay per micro-batch). Under ``torchrun --nproc_per_node N`` the same
+command trains data-parallel (DDP, ``medfinder.training.distributed``): the global batch is
+``--batch-size`` x N and the contrastive loss sees every rank's features. The split is the hash split of
 ``medfinder.datasets`` (80/10/10); the best epoch by validation text-to-image R@10 is saved in
 ``DIR`` (``config.json`` + ``model.safetensors``), the latest state in ``DIR/checkpoint`` for
 ``--resume``, one JSON line per epoch in ``DIR/train_log.jsonl``.
@@ -23,6 +25,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,6 +42,7 @@ from ..io.volume import Volume
 from ..model import MedFinder, create_model_and_transforms, read_fingerprint
 from ..text.sentences import split_sentences
 from ..transforms.augment import augment_volumes
+from . import distributed
 from .datasets import CaseDataset, collate_cases
 from .evaluate import (
     finding_names_of,
@@ -67,12 +71,6 @@ def sample_report(report: str, rng: random.Random, full_probability: float, min_
 
 
 # --------------------------------------------------------------------------- pieces
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _param_groups(model: MedFinder, finding_loss: FindingLoss, settings: TrainSettings,
                   label_head: nn.Module | None = None) -> list[dict[str, Any]]:
     decay: list[Any] = []
@@ -223,13 +221,22 @@ def _save_checkpoint(out: Path, model: MedFinder, optimizer: Any, scheduler: Any
 
 
 def feature_bank(model: MedFinder, dataset: CaseDataset, indices: Sequence[int], settings: TrainSettings,
-                 generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                 generator: torch.Generator, device: torch.device,
+                 context: distributed.Distributed = distributed.Distributed()) -> torch.Tensor:
     """(views, N, D) image-tower features of ``indices``: view 0 as is, the others augmented.
 
     With the tower locked its features never change, so each volume goes through the CNN
     ``feature_views`` times in all instead of once per epoch: training the projections then
-    costs milliseconds per step, and hundreds of epochs fit in the time of one.
+    costs milliseconds per step, and hundreds of epochs fit in the time of one. Under DDP each rank
+    computes every ``world_size``-th volume's features and the ranks exchange them.
     """
+    if context.enabled:
+        mine = feature_bank(model, dataset, distributed.shard(indices, context), settings, generator, device)
+        gathered = distributed.gather_rows(mine.transpose(0, 1).contiguous(), context)  # (N, views, D), by rank
+        order = torch.cat([torch.arange(r, len(indices), context.world_size) for r in range(context.world_size)])
+        bank = torch.empty_like(gathered)
+        bank[order.to(gathered.device)] = gathered
+        return bank.transpose(0, 1).contiguous()
     from tqdm.auto import tqdm
 
     model.image.eval()
@@ -269,14 +276,93 @@ def train(
 
     ``preprocessed``: volumes already run through this model's preprocessing and packed as the
     cache keeps them (``datasets.pack_for_cache``), keyed by case id; only the others are loaded.
+    Started by torchrun, this process is one rank of a data-parallel run (``distributed.setup``).
     """
+    context, device = distributed.setup(settings.device)
+    try:
+        return _train(settings, context, device, records, loader, resume, preprocessed)
+    finally:
+        distributed.cleanup(context)
+
+
+class _Step(nn.Module):
+    """The loss of one micro-batch. DDP wraps this module, so every parameter the loss reaches
+    (model, finding loss, label head) has its gradient averaged over the ranks; in one process it
+    runs unwrapped, the same operations in the same order as ever.
+
+    Args:
+        model: the MedFinder being trained.
+        finding_loss: the auxiliary finding loss (its scale and bias are trained too).
+        label_head: the training-only classifier on image-tower features, or None.
+        settings: the run's settings (loss weights, augmentation).
+        finding_names: the label columns the finding loss and the label head use.
+        pos_weight: per-finding weight of a positive label in the head's loss, or None.
+        context: the data-parallel context; its features are gathered for the contrastive loss.
+    """
+
+    def __init__(self, model: MedFinder, finding_loss: FindingLoss, label_head: nn.Module | None,
+                 settings: TrainSettings, finding_names: list[str], pos_weight: torch.Tensor | None,
+                 context: distributed.Distributed) -> None:
+        super().__init__()
+        self.model = model
+        self.finding_loss = finding_loss
+        self.label_head = label_head
+        self.settings = settings
+        self.finding_names = finding_names
+        self.pos_weight = pos_weight
+        self.context = context
+
+    def forward(self, batch: dict[str, Any], texts: list[str], bank: torch.Tensor | None, track_centres: bool,
+                augment_generator: torch.Generator) -> torch.Tensor:
+        model, settings, device = self.model, self.settings, self.model.device
+        if bank is not None:
+            n_views = 1
+            features = [bank[batch["view"].to(device), torch.tensor(batch["positions"], device=device)]]
+        else:
+            images = batch["image"].to(device, non_blocking=True).float()
+            n_views = 2 if settings.view_weight > 0 else 1
+            if settings.augment:
+                features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
+            else:
+                features = [model.image(images) for _ in range(n_views)]
+        views = [model.embed_image_features(f, track_centres) for f in features]
+        loss = torch.zeros((), device=device)
+        if settings.contrastive_weight > 0:
+            text_embeds = distributed.gather_features(model.embed_text(texts, update_center=track_centres), self.context)
+            contrastive = sum(contrastive_loss(distributed.gather_features(v, self.context), text_embeds, model.scale())
+                              for v in views) / n_views
+            loss = loss + settings.contrastive_weight * contrastive
+        if n_views == 2:
+            loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
+        if self.finding_names:
+            finding_embeds = model.embed_text(self.finding_names, update_center=False) if settings.finding_weight > 0 else None
+            labels = batch["labels"].to(device)
+            mask = batch["label_mask"].to(device)
+            if settings.finding_weight > 0:
+                finding = sum(self.finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
+                loss = loss + settings.finding_weight * finding
+            if self.label_head is not None and bank is None:
+                head = sum(_masked_bce(self.label_head(f.float()), labels, mask, self.pos_weight) for f in features) / n_views
+                loss = loss + settings.label_head_weight * head
+        return loss
+
+
+def _train(
+    settings: TrainSettings,
+    context: distributed.Distributed,
+    device: torch.device,
+    records: Sequence[ManifestCase] | None,
+    loader: Callable[[Path], Volume] | None,
+    resume: bool,
+    preprocessed: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(settings.device)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
+    world = context.world_size
 
     checkpoint = out / CHECKPOINT_DIR
     resume_payload = None
@@ -299,6 +385,8 @@ def train(
             settings.config or settings.init or DEFAULT_CONFIG, pretrained=settings.init if settings.config else None
         )
     model.to(device)
+    if settings.activation_checkpointing:
+        model.image.set_activation_checkpointing(True)
 
     records = list(records) if records is not None else read_manifests(settings.manifest.split(os.pathsep))
     train_records = select_split(records, "train")
@@ -312,22 +400,31 @@ def train(
             train_set.adopt(preprocessed)
             val_set.adopt(preprocessed)
         train_set.preload(settings.workers)
-        val_set.preload(settings.workers)
-    usable = train_set.usable_indices() if settings.cache else list(range(len(train_set)))
-    if len(usable) < 2:
-        raise MedFinderError(f"The manifest {settings.manifest} has fewer than 2 usable training cases.")
+        if context.is_main:  # only rank 0 validates
+            val_set.preload(settings.workers)
+    elif context.enabled:
+        # Every rank must skip the same unusable cases, or their batches (and collectives) would differ.
+        mine = train_set.check(distributed.shard(range(len(train_set)), context), settings.workers)
+        train_set.failures.update(distributed.union_of(mine, context))
+    usable = train_set.usable_indices() if (settings.cache or context.enabled) else list(range(len(train_set)))
+    if len(usable) < 2 * world:
+        raise MedFinderError(f"The manifest {settings.manifest} has fewer than {2 * world} usable training cases.")
     on_gpu = device.type == "cuda"
     generator = torch.Generator().manual_seed(settings.seed)  # batch order
-    augment_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
+    augment_generator = torch.Generator(device=device).manual_seed(
+        distributed.rank_seed(settings.seed + 1, context.rank, 1 << 20) if context.enabled else settings.seed + 1)
+    train_subset = torch.utils.data.Subset(train_set, usable)
+    sampler = (distributed.sampler(train_subset, context, settings.seed, drop_last=True) if context.enabled else None)
     batches = DataLoader(
-        torch.utils.data.Subset(train_set, usable),
+        train_subset,
         batch_size=settings.batch_size,
-        shuffle=True,
-        drop_last=len(usable) > settings.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(usable) // world > settings.batch_size,
         num_workers=0 if settings.cache else settings.workers,
         collate_fn=collate_cases,
         pin_memory=on_gpu,
-        generator=generator,
+        generator=generator if sampler is None else None,
         persistent_workers=not settings.cache and settings.workers > 0,
     )
     finding_loss = FindingLoss().to(device)
@@ -337,19 +434,21 @@ def train(
     pos_weight = (label_pos_weight([train_set.records[i] for i in usable], finding_names, settings.label_balance).to(device)
                   if label_head is not None and settings.label_balance > 0 else None)
     bank = None
+    val_features = None
     if settings.lock_image:
         if not settings.cache:
             raise MedFinderError("--lock-image caches image features, so it cannot be combined with --no-cache.")
         model.image.requires_grad_(False)
-        bank = feature_bank(model, train_set, usable, settings, augment_generator, device)
+        bank = feature_bank(model, train_set, usable, settings, augment_generator, device, context)
         bank_labels = torch.stack([train_set[i]["labels"] for i in usable]).to(device) if finding_names else None
         bank_masks = torch.stack([train_set[i]["label_mask"] for i in usable]).to(device) if finding_names else None
         bank_reports = [train_set.records[i].report for i in usable]
         val_features = (feature_bank(model, val_set, val_set.usable_indices(),
                                      replace(settings, feature_views=1), augment_generator, device)[0]
-                        if len(val_set) else None)
+                        if len(val_set) and context.is_main else None)
     optimizer = torch.optim.AdamW(_param_groups(model, finding_loss, settings, label_head), lr=settings.lr)
-    n_batches = len(usable) // min(settings.batch_size, len(usable)) if bank is not None else len(batches)
+    global_batch = settings.batch_size * world
+    n_batches = len(usable) // min(global_batch, len(usable)) if bank is not None else len(batches)
     steps_per_epoch = max(1, math.ceil(n_batches / settings.accumulate))
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
@@ -371,6 +470,14 @@ def train(
         augment_generator.set_state(resume_payload["rngs"]["augment"])
         text_rng.setstate(resume_payload["rngs"]["text"])
         torch.set_rng_state(resume_payload["rngs"]["torch"])
+    step_module = _Step(model, finding_loss, label_head, settings, finding_names, pos_weight, context)
+    step: nn.Module = step_module
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Unused parameters: a label head with a locked tower, projections in a supervised stage.
+        step = DistributedDataParallel(step_module, device_ids=[device.index] if on_gpu else None,
+                                       find_unused_parameters=True)
 
     # bf16 autocast on a GPU only. On a CPU with native bf16 (AVX512-BF16) it made a step 1.25x
     # faster (benchmarks/train_step_speed.py), but with torch 2.13's oneDNN it intermittently gave
@@ -383,17 +490,28 @@ def train(
     while state.epoch < settings.epochs and (settings.max_steps is None or state.step < settings.max_steps):
         epoch_start = time.perf_counter()
         model.train()
+        if context.enabled:
+            # Each epoch's random streams come from (seed, rank, epoch): a resumed run draws them again
+            # without every rank's generator state; the batch order is shared by all ranks.
+            generator.manual_seed(settings.seed + state.epoch)
+            augment_generator.manual_seed(distributed.rank_seed(settings.seed + 1, context.rank, state.epoch))
+            text_rng = random.Random(distributed.rank_seed(settings.seed, context.rank, state.epoch))
+            if sampler is not None:
+                sampler.set_epoch(state.epoch)
         if bank is not None:
             model.image.eval()  # locked: BatchNorm statistics stay those the features were made with
             epoch_batches: Any = [
                 {"positions": pos, "view": view, "report": [bank_reports[p] for p in pos],
                  **({"labels": bank_labels[pos], "label_mask": bank_masks[pos]} if bank_labels is not None else {})}
-                for pos, view in _feature_batches(len(usable), settings.batch_size, bank.shape[0], generator)
+                for pos, view in (
+                    (distributed.shard(pos, context), view[context.rank :: world])
+                    for pos, view in _feature_batches(len(usable), global_batch, bank.shape[0], generator))
             ]
         else:
             epoch_batches = batches
         losses: list[float] = []
-        progress = tqdm(epoch_batches, desc=f"epoch {state.epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        progress = tqdm(epoch_batches, desc=f"epoch {state.epoch + 1}/{settings.epochs}", unit="batch", leave=False,
+                        disable=not context.is_main)
         optimizer.zero_grad(set_to_none=True)
         for micro, batch in enumerate(progress):
             if batch is None:
@@ -407,35 +525,15 @@ def train(
             # embeddings away from where the weights put them (the loss rose 4.7 -> 5.4 at a
             # learning rate of 1e-12).
             track_centres = bank is None or state.step <= warmup_steps
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if bank is not None:
-                    n_views = 1
-                    features = [bank[batch["view"].to(device), torch.tensor(batch["positions"], device=device)]]
-                else:
-                    images = batch["image"].to(device, non_blocking=True).float()
-                    n_views = 2 if settings.view_weight > 0 else 1
-                    features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
-                views = [model.embed_image_features(f, track_centres) for f in features]
-                loss = torch.zeros((), device=device)
-                if settings.contrastive_weight > 0:
-                    text_embeds = model.embed_text(texts, update_center=track_centres)
-                    contrastive = sum(contrastive_loss(v, text_embeds, model.scale()) for v in views) / n_views
-                    loss = loss + settings.contrastive_weight * contrastive
-                if n_views == 2:
-                    loss = loss + settings.view_weight * view_consistency_loss(views[0], views[1])
-                if finding_names:
-                    finding_embeds = model.embed_text(finding_names, update_center=False) if settings.finding_weight > 0 else None
-                    labels = batch["labels"].to(device)
-                    mask = batch["label_mask"].to(device)
-                    if settings.finding_weight > 0:
-                        finding = sum(finding_loss(v, finding_embeds, labels, mask) for v in views) / n_views
-                        loss = loss + settings.finding_weight * finding
-                    if label_head is not None and bank is None:
-                        head = sum(_masked_bce(label_head(f.float()), labels, mask, pos_weight) for f in features) / n_views
-                        loss = loss + settings.label_head_weight * head
-            (loss / settings.accumulate).backward()
+            last_micro = (micro + 1) % settings.accumulate == 0 or micro + 1 == len(epoch_batches)
+            # DDP averages gradients on the last micro-batch of an accumulation only.
+            sync = step.no_sync() if context.enabled and not last_micro else nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = step(batch, texts, bank, track_centres, augment_generator)
+                (loss / settings.accumulate).backward()
             losses.append(float(loss.detach()))
-            if (micro + 1) % settings.accumulate == 0 or micro + 1 == len(epoch_batches):
+            if last_micro:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 optimizer.step()
                 scheduler.step()
@@ -447,39 +545,44 @@ def train(
                 break
         progress.close()
         state.epoch += 1
-        if not len(val_set):
-            validation = {}
-        elif settings.contrastive_weight > 0:
-            validation = validation_recall(model, val_set, settings.batch_size,
-                                           val_features if bank is not None else None)
-        else:  # nothing is aligned yet: judge the image tower by its label head instead
-            validation = validation_label_auc(model, label_head, val_set, settings.batch_size) if label_head else {}
-        state.elapsed_s += time.perf_counter() - epoch_start
-        metric = validation.get("R@10", validation.get("label_AUC", -float(np.mean(losses)) if losses else -float("inf")))
-        improved = metric > state.best
-        if improved:
-            state.best = metric
-            model.save_pretrained(out)
-        rngs = {"generator": generator.get_state(), "augment": augment_generator.get_state(),
-                "text": text_rng.getstate(), "torch": torch.get_rng_state()}
-        _save_checkpoint(out, model, optimizer, scheduler, finding_loss, state, settings, rngs, label_head)
-        summary = {
-            "epoch": state.epoch,
-            "step": state.step,
-            "loss": float(np.mean(losses)) if losses else None,
-            "temperature": 1 / float(model.scale().detach()),
-            "lr": scheduler.get_last_lr()[0],
-            "val": validation,
-            "best": improved,
-            "epoch_s": round(time.perf_counter() - epoch_start, 1),
-        }
-        with log_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(summary) + "\n")
-        tqdm.write(
-            f"epoch {state.epoch}: loss {summary['loss']:.4f}  "
-            + "  ".join(f"val {k} {v:.3f}" for k, v in validation.items() if k in ("R@10", "keyword_P@10", "label_AUC"))
-            + f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
-        )
+        epoch_loss = distributed.mean_across(float(np.mean(losses)), context) if losses else None
+        if context.is_main:
+            if not len(val_set):
+                validation = {}
+            elif settings.contrastive_weight > 0:
+                validation = validation_recall(model, val_set, settings.batch_size,
+                                               val_features if bank is not None else None)
+            else:  # nothing is aligned yet: judge the image tower by its label head instead
+                validation = validation_label_auc(model, label_head, val_set, settings.batch_size) if label_head else {}
+            state.elapsed_s += time.perf_counter() - epoch_start
+            metric = validation.get("R@10", validation.get("label_AUC", -epoch_loss if epoch_loss is not None else -float("inf")))
+            improved = metric > state.best
+            if improved:
+                state.best = metric
+                model.save_pretrained(out)
+            rngs = {"generator": generator.get_state(), "augment": augment_generator.get_state(),
+                    "text": text_rng.getstate(), "torch": torch.get_rng_state()}
+            _save_checkpoint(out, model, optimizer, scheduler, finding_loss, state, settings, rngs, label_head)
+            summary = {
+                "epoch": state.epoch,
+                "step": state.step,
+                "loss": epoch_loss,
+                "temperature": 1 / float(model.scale().detach()),
+                "lr": scheduler.get_last_lr()[0],
+                "val": validation,
+                "best": improved,
+                "epoch_s": round(time.perf_counter() - epoch_start, 1),
+            }
+            if context.enabled:
+                summary["ranks"] = world
+            with log_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(summary) + "\n")
+            tqdm.write(
+                f"epoch {state.epoch}: loss {summary['loss']:.4f}  "
+                + "  ".join(f"val {k} {v:.3f}" for k, v in validation.items() if k in ("R@10", "keyword_P@10", "label_AUC"))
+                + f"{'  (best)' if improved else ''}  {summary['epoch_s']} s"
+            )
+        distributed.barrier(context)  # the other ranks wait for rank 0's validation and checkpoint
     result = {
         "out": str(out),
         "fingerprint": read_fingerprint(out),
@@ -493,7 +596,10 @@ def train(
         "wall_s": round(time.perf_counter() - started, 1),
         "settings": asdict(settings),
     }
-    (out / "training.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if context.enabled:
+        result["ranks"] = world
+    if context.is_main:
+        (out / "training.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
