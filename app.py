@@ -116,16 +116,13 @@ def build_app(service: Service) -> gr.Blocks:
         gallery = gr.Gallery(label="Ranked cases (select one to open it)", columns=5, height=330,
                              format="png", elem_id="results", allow_preview=False)
         more = gr.Button("More results")
-        with gr.Row():
-            with gr.Column(scale=1):
-                details = gr.Markdown()
-                report = gr.HighlightedText(label="Report (green: matches the query; grey: absent; click a finding to "
-                                                  "see it)", color_map=views.HIGHLIGHT_COLORS, combine_adjacent=False,
-                                            show_legend=True, elem_id="report", interactive=False)
-            with gr.Column(scale=1):
-                table = gr.Dataframe(headers=views.TABLE_HEADERS, label="Per-channel scores", interactive=False,
-                                     wrap=True, elem_id="scores", column_widths=["8%", "22%", "14%", "14%", "14%", "12%", "16%"])
-                gr.Markdown(views.ORDER_NOTE, elem_id="order-note")
+        details = gr.Markdown()
+        report = gr.HighlightedText(label="Report (green: matches the query; grey: absent; click a finding to see it)",
+                                    color_map=views.HIGHLIGHT_COLORS, combine_adjacent=False, show_legend=True,
+                                    elem_id="report", interactive=False)
+        table = gr.Dataframe(headers=views.TABLE_HEADERS, label="Per-channel scores", interactive=False, wrap=True,
+                             elem_id="scores", column_widths=["6%", "16%", "13%", "13%", "13%", "13%", "26%"])
+        gr.Markdown(views.ORDER_NOTE, elem_id="order-note")
 
         case_outputs = [selected, case_volume, focus, case_view, case_focus, details, report, position]
         search_outputs = [results_state, gallery, table, shown, last_query, query_view, *case_outputs]

@@ -12,11 +12,14 @@ scan S it makes partners a tower must match to S (or to each other), as the same
   about the patient's long axis, each against S.
 
 The corpus is those scans and copies mixed with ``--phantoms`` synthetic chest CTs. For each pair the
-query's partner must come first among every other item of the corpus ("rank-1"); the cosine between S
+query's partner must come first among every other patient's items ("rank-1": the query's other copies
+are left out of its ranking); the cosine between S
 and each copy measures invariance. Both towers: the real-CT tower (``ct-i3resnet152``) and the demo
 tower (``assets/model``, trained on phantoms). ``--sizes`` adds the input sizes to compare: the
 embedding of each scan at a size against the one at Merlin's full size (cosine) and the rank agreement
-of their similarity matrices, with the encode time per scan.
+of their similarity matrices, with the encode time per scan. ``retrieval_centred`` repeats the
+retrieval after subtracting the corpus's mean vector (what an index of this tower stores, fitted on
+the cases it indexes first): a pooled ReLU map puts every scan within a few degrees of every other.
 """
 
 from __future__ import annotations
@@ -119,12 +122,17 @@ def embed(model: MedFinder, preprocessor, items: dict[str, Volume]) -> tuple[np.
 
 
 def retrieval(names: list[str], vectors: np.ndarray, pairs: list[tuple[str, str, str]]) -> dict:
+    """Rank of each query's partner. The query's other copies (the same patient's other items) are left
+    out of its ranking: the question is whether the patient's other scan beats every other patient's."""
     sims = vectors @ vectors.T
     out = []
     for query, partner, kind in pairs:
         q, p = names.index(query), names.index(partner)
         row = sims[q].copy()
-        row[q] = -np.inf  # the query itself is not a result
+        patient = query.split("/")[0]
+        for i, name in enumerate(names):
+            if i != p and name.split("/")[0] == patient:
+                row[i] = -np.inf  # the query itself and its other copies are not results
         rank = int((row > row[p]).sum()) + 1
         out.append({"query": query, "partner": partner, "kind": kind, "rank": rank,
                     "cosine": round(float(sims[q, p]), 4), "best_other": names[int(np.argmax(np.where(np.arange(len(row)) == p, -np.inf, row)))]})
@@ -173,6 +181,7 @@ def main() -> int:
                         help="real-tower input sizes to run (the first is compared with the others)")
     parser.add_argument("--demo-model", default=str(REPO / "assets" / "model"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--save", type=Path, help="also save each size's vectors beside this path (.npz)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,9 +201,15 @@ def main() -> int:
         model, pp, grid = tower_at(size)
         vectors, seconds = embed(model, pp, items)
         by_size[size] = vectors
+        if args.save:
+            np.savez(args.save.with_name(f"{args.save.stem}_{size}.npz"), names=np.array(names), vectors=vectors)
+        centred = vectors - vectors.mean(axis=0)
+        centred /= np.linalg.norm(centred, axis=1, keepdims=True)
         result[f"real_tower_{size}"] = {**grid, "encode_s_per_scan": round(seconds, 3),
                                         "retrieval": retrieval(names, vectors, pairs),
-                                        "invariance": invariance(names, vectors)}
+                                        "retrieval_centred": retrieval(names, centred, pairs),
+                                        "invariance": invariance(names, vectors),
+                                        "invariance_centred": invariance(names, centred)}
         del model
     first = args.sizes[0]
     for size in args.sizes[1:]:

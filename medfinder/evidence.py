@@ -166,6 +166,11 @@ LEVEL_WORDS = {
     "middle": ("middle lobe", "lingula", "lingular", "mid zone", "midzone", "middle"),
     "lower": ("lower lobe", "lower lobes", "lower zone", "base", "bases", "basal", "basilar", "lower", "dependent"),
 }
+#: Words that place a finding in the mediastinum (between the lungs): the heart, the great vessels,
+#: the nodes, the oesophagus.
+MEDIASTINUM_WORDS = ("mediastinal", "mediastinum", "hilar", "hilum", "hila", "aorta", "aortic", "coronary",
+                     "pericardial", "pericardium", "heart", "cardiac", "oesophagus", "esophagus", "oesophageal",
+                     "esophageal", "hiatal", "hiatus", "paratracheal", "subcarinal", "prevascular")
 _SENTENCE_STOP = ".;\n"
 #: How far beyond the aerated lung a located finding may lie: the pleural space and a collapsed or
 #: filled lobe are no longer air.
@@ -174,8 +179,9 @@ PLEURA_MM = 15.0
 
 def located_findings(report: str, findings: Sequence[dict], names: Sequence[str] | None = None
                      ) -> list[tuple[str, str | None, str | None]]:
-    """(finding, side, level) for each affirmed finding the report places (a side or a level), in
-    report order; ``names`` keeps only those findings."""
+    """(finding, side, level) for each affirmed finding the report places (a side, a level of the lungs,
+    or "mediastinum" when its sentence names a structure there), in report order; ``names`` keeps only
+    those findings."""
     import re
 
     out = []
@@ -191,40 +197,87 @@ def located_findings(report: str, findings: Sequence[dict], names: Sequence[str]
         level = next((name for name, words in LEVEL_WORDS.items()
                       if any(re.search(rf"\b{re.escape(w)}\b", sentence) for w in words)), None)
         side = f.get("laterality") if f.get("laterality") in ("right", "left") else None
+        if any(re.search(rf"\b{re.escape(w)}\b", sentence) for w in MEDIASTINUM_WORDS) and not side:
+            level = "mediastinum"
         if side or level:
             out.append((f["name"], side, level))
     return out
 
 
-def region_mask(volume: Volume, side: str | None, level: str | None) -> np.ndarray:
-    """Voxels of ``volume`` in that part of the chest: the lungs (HU < -400 inside the body) grown by
-    ``PLEURA_MM`` so that the pleural space and dense lung (effusion, collapse, a mass) are in, on the
-    patient's ``side`` (split at the body's middle), in the upper, middle or lower third of the lungs'
-    height. Empty when the scan shows no lung there."""
-    hu = volume.hu
-    body = np.zeros(hu.shape, dtype=bool)
-    solid = hu > -500
-    for z in range(hu.shape[2]):  # the body outline per axial slice, lungs inside it filled in
-        body[:, :, z] = ndimage.binary_fill_holes(solid[:, :, z])
-    lungs = body & (hu < -400)
-    reach = [max(1, round(PLEURA_MM / s)) for s in volume.spacing]
-    grown = ndimage.maximum_filter(lungs, size=[2 * r + 1 for r in reach]) & body
-    if side:
+@dataclass
+class Chest:
+    """A scan's body and lungs, computed once per scan for all the report's findings.
+
+    Args:
+        body: the body outline per axial slice, lungs inside it filled in.
+        lungs: air inside the body (HU < -400).
+        grown: the lungs grown by ``PLEURA_MM`` (the pleural space, dense lung), inside the body.
+        middle: the body's middle along the array's first axis (towards the patient's right, RAS+).
+    """
+
+    body: np.ndarray
+    lungs: np.ndarray
+    grown: np.ndarray
+    middle: float
+
+    @classmethod
+    def of(cls, volume: Volume) -> "Chest":
+        hu = volume.hu
+        solid = hu > -500
+        body = np.zeros(hu.shape, dtype=bool)
+        for z in range(hu.shape[2]):
+            body[:, :, z] = ndimage.binary_fill_holes(solid[:, :, z])
+        lungs = body & (hu < -400)
+        reach = [max(1, round(PLEURA_MM / s)) for s in volume.spacing]
+        grown = ndimage.maximum_filter(lungs, size=[2 * r + 1 for r in reach]) & body
         xs = np.nonzero(body.any(axis=(1, 2)))[0]
         middle = (xs.min() + xs.max()) / 2 if xs.size else hu.shape[0] / 2
+        return cls(body, lungs, grown, float(middle))
+
+
+def region_mask(chest: Chest, side: str | None, level: str | None) -> np.ndarray:
+    """Voxels in that part of the chest: the lungs grown by ``PLEURA_MM`` (so the pleural space and dense
+    lung, an effusion, a collapse, a mass, are in), on the patient's ``side``, in the upper, middle or
+    lower third of the lungs' height; or the mediastinum. Empty when the scan shows no lung there."""
+    if level == "mediastinum":
+        return _mediastinum(chest)
+    grown, lungs = chest.grown.copy(), chest.lungs
+    if side:
         # RAS+: the array's first axis runs towards the patient's right.
-        half = np.arange(hu.shape[0]) > middle if side == "right" else np.arange(hu.shape[0]) <= middle
+        x = np.arange(grown.shape[0])
+        half = x > chest.middle if side == "right" else x <= chest.middle
         grown &= half[:, None, None]
-        lungs &= half[:, None, None]
+        lungs = lungs & half[:, None, None]
     if level and lungs.any():
         zs = np.nonzero(lungs.any(axis=(0, 1)))[0]
         low, high = zs.min(), zs.max() + 1
         third = (high - low) / 3
         bands = {"lower": (low, low + third), "middle": (low + third, low + 2 * third), "upper": (low + 2 * third, high)}
         z0, z1 = bands[level]
-        keep = (np.arange(hu.shape[2]) >= z0) & (np.arange(hu.shape[2]) < z1)
+        keep = (np.arange(grown.shape[2]) >= z0) & (np.arange(grown.shape[2]) < z1)
         grown &= keep[None, None, :]
     return grown
+
+
+def _mediastinum(chest: Chest) -> np.ndarray:
+    """The soft tissue between the lungs: in each row (a y and a z), the body's non-lung voxels between
+    the left lung's inner edge and the right lung's, within the lungs' height (a little below too, for a
+    hiatus), grown by ``PLEURA_MM`` in-plane less the lungs (a vessel wall beside the lung is in)."""
+    body, lungs, middle = chest.body, chest.lungs, chest.middle
+    if not lungs.any():
+        return np.zeros(body.shape, dtype=bool)
+    x = np.arange(body.shape[0])[:, None, None]
+    right, left = lungs & (x > middle), lungs & (x <= middle)
+    # RAS+: the right lung lies at larger x; its inner edge is its smallest x, the left lung's its largest.
+    right_edge = np.where(right.any(axis=0), np.argmax(right, axis=0), -1)
+    left_edge = np.where(left.any(axis=0), body.shape[0] - 1 - np.argmax(left[::-1], axis=0), -1)
+    both = (right_edge >= 0) & (left_edge >= 0)
+    between = both[None] & (x > left_edge[None]) & (x < right_edge[None])
+    zs = np.nonzero(lungs.any(axis=(0, 1)))[0]
+    low = max(0, zs.min() - (zs.max() - zs.min()) // 6)
+    between[:, :, low:zs.min()] = between[:, :, zs.min():zs.min() + 1]  # below the lungs: as at their base
+    out = between & body & ~lungs
+    return out
 
 
 def on_input_grid(mask: np.ndarray, scan: PreparedScan) -> np.ndarray:

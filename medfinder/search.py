@@ -38,6 +38,8 @@ IMAGE_CHANNELS = ("image", "report")
 _INDEX_CHANNEL = {("text", "text"): "report_text", ("text", "image"): "image",
                   ("image", "image"): "image", ("image", "report"): "report"}
 DEFAULT_WEIGHTS = {"keyword": 1.0, "text": 0.5, "image": 1.0, "report": 1.0}
+#: Evidence points kept per case, best first (a report can place a dozen findings).
+MAX_EVIDENCE = 6
 #: Cases whose evidence a Searcher keeps (per query), so the app's selected case is computed once.
 EVIDENCE_CACHE = 256
 #: Case scans a Searcher keeps loaded (a real CT is 100-200 MB), for the viewer and evidence.
@@ -378,8 +380,10 @@ class Searcher:
             found += [Evidence(point, score, "image") for point, score in ev.peaks(heat, scan)]
         names = target.findings if target.kind == "text" else None
         top = float(heat.max()) if heat is not None else 0.0
-        for name, side, level in ev.located_findings(result.report, result.findings, names):
-            region = ev.region_mask(volume, side, level)
+        located = ev.located_findings(result.report, result.findings, names)
+        chest = ev.Chest.of(volume) if located else None
+        for name, side, level in located:
+            region = ev.region_mask(chest, side, level)
             if heat is not None and top > 0:
                 inside = np.where(ev.on_input_grid(region, scan), heat, 0.0)
                 if inside.max() > 0:
@@ -391,7 +395,8 @@ class Searcher:
                 found.append(Evidence(centre, 0.0, "report", name))
         # Where the report places a queried finding and the image agrees comes first: both support it.
         queried = set(target.findings) if target.kind == "text" else set()
-        return sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
+        ranked = sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
+        return ranked[:MAX_EVIDENCE]
 
     def case_volume(self, result: SearchResult | StoredCase) -> Volume | None:
         """The case's scan, when the file it was indexed from is reachable from here (the last few kept)."""

@@ -153,14 +153,39 @@ def _browser(pw):
     return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
 
 
+#: How many lines each header of the per-channel table takes, counted from the text's line boxes.
+HEADER_LINES_JS = """() => Array.from(document.querySelectorAll('#scores thead th')).map(th => {
+    const text = th.querySelector('span.header') || th;
+    const range = document.createRange(); range.selectNodeContents(text);
+    const tops = new Set(Array.from(range.getClientRects()).filter(r => r.width > 1).map(r => Math.round(r.top)));
+    return [th.innerText.trim(), tops.size]; }).filter(([text]) => text.length)"""
+
+
+def _settle(page) -> None:
+    """Wait until no event is running (no "processing" overlay), for a screenshot of the page at rest."""
+    page.wait_for_function("() => !document.body.innerText.includes('processing')", timeout=60_000)
+    time.sleep(0.5)
+
+
+def _slices(text: str) -> dict[str, tuple[int, int]]:
+    """'axial 34/128, coronal 80/160, ...' from the case-focus line, as {plane: (slice, of)}."""
+    import re
+
+    return {plane: (int(a), int(b)) for plane, a, b in re.findall(r"(axial|coronal|sagittal) (\d+)/(\d+)", text)}
+
+
+def _at_centre(slices: dict[str, tuple[int, int]]) -> bool:
+    return all(abs(k - (n + 1) / 2) <= 1 for k, n in slices.values())
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
-def test_browser_text_search_example_ct_and_viewer(running_app, tmp_path):
+def test_browser_text_search_evidence_example_ct_and_viewer(running_app, tmp_path):
     from playwright.sync_api import sync_playwright
 
     image = _corpus_image(running_app)
     with sync_playwright() as pw:
         browser = _browser(pw)
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page = browser.new_page(viewport={"width": 1280, "height": 1300})
         page.goto(running_app.url, wait_until="load", timeout=60_000)
         page.locator("#text-query textarea").wait_for(timeout=60_000)
         assert "synthetic phantoms" in page.content()
@@ -169,6 +194,28 @@ def test_browser_text_search_example_ct_and_viewer(running_app, tmp_path):
         page.locator("#results img").first.wait_for(timeout=60_000)
         page.locator("#report .token.highlighted").first.wait_for(timeout=30_000)
         assert "effusion" in page.locator("#report .token.highlighted").first.inner_text()
+        # A text search has no query CT: its viewer is hidden and the selected case has the room.
+        assert not page.locator("#query-view").is_visible()
+        # The best match opens at its evidence, in three planes, away from the scan's centre.
+        page.wait_for_function("() => document.querySelector('#case-focus').innerText.includes('Evidence')",
+                               timeout=60_000)
+        first = page.locator("#case-focus").inner_text()
+        assert len(_slices(first)) == 3 and not _at_centre(_slices(first)), first
+        page.locator("#result-view img").wait_for(timeout=30_000)
+        # Selecting another result moves the viewer to that case's evidence.
+        page.locator("#results img").nth(1).click()
+        page.wait_for_function("(before) => document.querySelector('#case-focus').innerText !== before",
+                               arg=first, timeout=60_000)
+        second = page.locator("#case-focus").inner_text()
+        assert not _at_centre(_slices(second)), second
+        # Every header of the per-channel table on at most two lines, at 1280 and at 1600 px.
+        for width in (1280, 1600):
+            page.set_viewport_size({"width": width, "height": 1300})
+            time.sleep(0.5)
+            lines = page.evaluate(HEADER_LINES_JS)
+            assert lines and all(n <= 2 for _, n in lines), (width, lines)
+        page.set_viewport_size({"width": 1400, "height": 1300})
+        _settle(page)
         page.screenshot(path=str(tmp_path / "text_search.png"), full_page=True)
 
         page.get_by_role("tab", name="Search by CT").click()
@@ -195,8 +242,24 @@ def test_browser_text_search_example_ct_and_viewer(running_app, tmp_path):
         page.wait_for_function(
             "(before) => { const i = document.querySelector('#query-view img'); return i && i.src !== before; }",
             arg=before, timeout=30_000)
-        page.locator("#results img").first.click()
-        page.locator("#result-view img").wait_for(timeout=30_000)
+        # Clicking a finding in the report moves the viewer to that finding's evidence.
+        page.wait_for_function("() => document.querySelector('#case-focus').innerText.includes('open at')",
+                               timeout=60_000)
+        before = page.locator("#case-focus").inner_text()
+        tokens = page.locator("#report .token.highlighted")
+        tokens.first.wait_for(timeout=30_000)
+        moved = False
+        for i in range(min(tokens.count(), 6)):
+            tokens.nth(i).click()
+            try:
+                page.wait_for_function("(before) => document.querySelector('#case-focus').innerText !== before",
+                                       arg=before, timeout=20_000)
+                moved = True
+                break
+            except Exception:
+                continue
+        assert moved, "clicking a finding in the report did not move the viewer"
+        _settle(page)
         page.screenshot(path=str(tmp_path / "ct_compare.png"), full_page=True)
         browser.close()
     assert (tmp_path / "text_search.png").stat().st_size > 10_000
@@ -253,23 +316,45 @@ def test_an_uploaded_ct_can_be_searched_again_and_paged(service, tiny_corpus):
     upload = service.uploads.path / "a1b2" / "scan.nii.gz"  # where gradio puts an upload
     upload.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(next(tiny_corpus.parent.glob("images/*.nii.gz")), upload)
-    view = ("axial", 0.5, 1500, -600)
+    view = ("axial", 1500, -600, True)
 
-    first = handlers.on_image([str(upload)], None, "Similar cases", None, *view, progress=lambda *a, **k: None)
-    volume, results, k, last, upload_box = first[0], first[3], first[8], first[9], first[10]
+    first = handlers.on_image([str(upload)], None, "Similar cases", None, "axial", 0.5, 1500, -600, True,
+                              progress=lambda *a, **k: None)
+    volume, upload_box, (results, _, _, k, last) = first[0], first[2], first[4:9]
     assert not upload.exists() and upload_box is None  # read, deleted, and the file box cleared
     assert len(results) == k == 10 and last == ("image", "Similar cases")
+    assert first[11] is not None and first[13] is not None  # the best match opens in the viewer
 
     # The file is gone; the loaded CT is not: asking for matching reports reuses it.
-    second = handlers.on_image(None, None, "Matching reports", volume, *view, progress=lambda *a, **k: None)
-    assert second[0] is volume and second[3] and second[3] != results
+    second = handlers.on_image(None, None, "Matching reports", volume, "axial", 0.5, 1500, -600, True,
+                               progress=lambda *a, **k: None)
+    assert second[0] is volume and second[4] and second[4] != results
 
     # "More results" after a CT search pages that search (its mode, not one selected since),
     # even with the text box empty.
-    more = handlers.on_more(last, volume, "", [], [], "any", 0, 100, None, *view, k)
+    more = handlers.on_more(last, volume, "", [], [], "any", 0, 100, *view, k)
     assert [r.case_id for r in more[0][:10]] == [r.case_id for r in results]
-    assert len(more[0]) == 12 and more[5] == 20 and more[8] == last  # all 12 cases of the tiny index
-    assert more[6] is not None  # the best match opens in the viewer, as the details say
+    assert len(more[0]) == 12 and more[3] == 20 and more[4] == last  # all 12 cases of the tiny index
+    assert more[7] is not None  # the best match opens in the viewer, as the details say
+
+
+def test_selecting_a_case_opens_it_at_its_evidence(service, tiny_corpus):
+    """The viewer opens a result at its best evidence point (not the scan's centre), says where, and
+    the evidence thumbnails redraw the cards."""
+    import numpy as np
+
+    from medfinder.app import handlers, views
+    from medfinder.viewer import world_to_voxel
+
+    results = handlers._text_results("pleural effusion", [], [], "any", 0, 100, 5)
+    opened = handlers.open_case(results, 0, "axial", 1500, -600, True)
+    _, volume, focus, picture, where = opened[:5]
+    assert results[0].evidence, "no evidence was located for the first result"
+    best = world_to_voxel(volume, results[0].evidence[0].ras_mm)
+    assert np.allclose(focus, np.clip(best, 0, np.array(volume.shape) - 1))
+    assert picture is not None and "Evidence, best first" in where
+    assert len(handlers.evidence_thumbnails(results)) == len(results)
+    assert views.table(results)[0][2:4] != ["", ""]
 
 
 def test_a_refused_upload_is_deleted_too_and_one_sentence(service, tmp_path):
@@ -281,7 +366,7 @@ def test_a_refused_upload_is_deleted_too_and_one_sentence(service, tmp_path):
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"not a scan")
     with pytest.raises(gr.Error) as info:
-        handlers.on_image([str(upload)], None, "Similar cases", None, "axial", 0.5, 1500, -600,
+        handlers.on_image([str(upload)], None, "Similar cases", None, "axial", 0.5, 1500, -600, True,
                           progress=lambda *a, **k: None)
     assert "scan.nii.gz" in str(info.value) and "\n" not in str(info.value)
     assert not upload.exists()

@@ -255,11 +255,12 @@ def test_link_to_pacs_keeps_uids_says_so_and_the_app_opens_the_viewer(pacs, tiny
                            viewer_url="http://viewer.example/ohif/viewer?StudyInstanceUIDs={study}&series={series}")
     install(Service(settings, uploads))
     try:
-        shown = handlers.on_pacs(pacs.p1[0], "Similar cases", "axial", 0.5, 1500, -600,
+        shown = handlers.on_pacs(pacs.p1[0], "Similar cases", "axial", 0.5, 1500, -600, True,
                                  progress=lambda *a, **k: None)
     finally:
         uploads.remove()
-    volume, volume_text, results, head, study_box = shown[0], shown[1], shown[3], shown[6], shown[10]
+    # on_pacs gives the query (volume, its text, the study box), the SEARCH outputs, then the CASE outputs.
+    volume, volume_text, study_box, results, head = shown[0], shown[1], shown[2], shown[3], shown[14]
     by_image = {r.channels["image"].rank: r.case_id for r in results if "image" in r.channels}
     assert volume.shape == (48, 48, 8) and by_image[1] == series_case_id(_key(out), pacs.p1[1])
     first = parse_pacs_source(results[0].source)  # the details line is the first result's
@@ -281,10 +282,11 @@ def test_app_from_pacs_on_a_plain_index_shows_no_link(pacs, pacs_index, tiny_mod
     install(Service(AppSettings(index=pacs_index.out, model=str(tiny_model_dir), dicomweb=pacs.server.dicomweb,
                                 viewer_url="http://viewer.example/{study}/{series}"), uploads))
     try:
-        shown = handlers.on_pacs(P2_PHI["AccessionNumber"], "Similar cases", "axial", 0.5, 1500, -600,
+        shown = handlers.on_pacs(P2_PHI["AccessionNumber"], "Similar cases", "axial", 0.5, 1500, -600, True,
                                  progress=lambda *a, **k: None)
         with pytest.raises(gr.Error) as info:
-            handlers.on_pacs("1.2.3.4.5.6.7", "Similar cases", "axial", 0.5, 1500, -600, progress=lambda *a, **k: None)
+            handlers.on_pacs("1.2.3.4.5.6.7", "Similar cases", "axial", 0.5, 1500, -600, True,
+                             progress=lambda *a, **k: None)
     finally:
         uploads.remove()
     # By image, the study's main series finds itself first (its sibling series share its report, so the
@@ -299,9 +301,9 @@ def test_app_from_pacs_on_a_plain_index_shows_no_link(pacs, pacs_index, tiny_mod
     blocks = app.build_app(install(Service(AppSettings(index=pacs_index.out, model=str(tiny_model_dir),
                                                        dicomweb=pacs.server.dicomweb), uploads)))
     assert any(getattr(b, "elem_id", None) == "pacs-study" for b in blocks.blocks.values())
-    assert "Open in PACS viewer" not in shown[6] and "viewer.example" not in shown[6]
+    assert "Open in PACS viewer" not in shown[14] and "viewer.example" not in shown[14]
     assert "No study" in str(info.value) and "1.2.3.4.5.6.7" not in str(info.value)
-    _clean(shown[1] + shown[6] + json.dumps([r.to_json() for r in shown[3]]), pacs, "the app's answer")
+    _clean(shown[1] + shown[13] + shown[14] + json.dumps([r.to_json() for r in shown[3]]), pacs, "the app's answer")
 
 
 def test_wrong_credentials_bad_urls_and_options_are_one_sentence(pacs, tmp_path, tiny_model_dir):

@@ -116,7 +116,7 @@ def focus_text(result: SearchResult | None, volume: Volume | None, focus: Sequen
         return f"**{html.escape(result.case_id)}** {where}; no evidence located."
     items = "; ".join(
         (f"{html.escape(e.finding)} (report)" if e.source == "report" and e.finding else "image match")
-        + f" {e.score:.2f} at ({e.ras_mm[0]:.0f}, {e.ras_mm[1]:.0f}, {e.ras_mm[2]:.0f})" for e in evidence)
+        + f" {e.score:.2f} at ({e.ras_mm[0]:.0f}, {e.ras_mm[1]:.0f}, {e.ras_mm[2]:.0f})" for e in evidence[:4])
     return f"**{html.escape(result.case_id)}** {where}. Evidence, best first: {items}."
 
 
