@@ -18,15 +18,15 @@ and each copy measures invariance. Both towers: the real-CT tower (``ct-i3resnet
 tower (``assets/model``, trained on phantoms). ``--sizes`` adds the input sizes to compare: the
 embedding of each scan at a size against the one at Merlin's full size (cosine) and the rank agreement
 of their similarity matrices, with the encode time per scan. ``retrieval_centred`` repeats the
-retrieval after subtracting the corpus's mean vector (what an index of this tower stores, fitted on
-the cases it indexes first): a pooled ReLU map puts every scan within a few degrees of every other.
+retrieval after subtracting the corpus's mean vector: a pooled ReLU map puts every scan within a few
+degrees of every other, so centring is the obvious candidate; it is measured here and, as it has not
+changed a rank-1, not stored in indexes (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace

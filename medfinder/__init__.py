@@ -36,7 +36,23 @@ _EXPORTS = {
     "SearchResult": "medfinder.search",
     "MedFinderError": "medfinder.errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [  # a literal, so linters and IDEs see the re-exports
+    "CaseEntry",
+    "CaseIndex",
+    "MedFinder",
+    "MedFinderError",
+    "ModelConfig",
+    "SearchFilters",
+    "SearchResult",
+    "Searcher",
+    "Volume",
+    "build_index",
+    "create_model_and_transforms",
+    "load_model",
+    "load_volume",
+    "read_manifest",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .errors import MedFinderError

@@ -10,8 +10,9 @@ For every result of a search, the locations that best support it:
   For a text query the target is the query's text vector in the joint space (an aligned model);
   for a CT query it is the query scan's own vector.
 - **report evidence**: where the case's report names a queried finding with a side ("right pleural
-  effusion") or a level ("lower lobe"), the best image evidence for that finding inside that part of
-  the lungs, labelled with the finding; without an aligned model, the centre of that part.
+  effusion"), a level ("lower lobe") or the mediastinum, the best image evidence for that finding
+  inside that part of the chest (the scan's own lung and body masks), labelled with the finding;
+  without an aligned model, the centre of that part.
 
 Points are world RAS+ millimetres of the case's image (its affine), so a viewer or a PACS can go
 there. Evidence is computed only when asked (``Searcher.search(..., evidence=True)``, the app's

@@ -98,6 +98,19 @@ def test_text_search_api_returns_ranked_cases_with_highlights(client):
     assert {"case_id", "score", "channels", "report", "highlights", "findings"} <= set(first)
     assert "".join(text for text, _ in first["highlights"]) == first["report"]
     assert any(label in ("match", "negated") for _, label in first["highlights"])
+    assert "evidence" not in first  # computed only when asked for: it costs a backward pass per case
+
+
+def test_the_api_gives_evidence_inside_each_cases_scan_when_asked(client):
+    results = client.predict("pleural effusion", [], [], "any", 0, 100, 3, True, api_name="/search_text")
+    assert len(results) == 3
+    for r in results:
+        assert r["evidence"], r["case_id"]
+        for point in r["evidence"]:
+            assert len(point["ras_mm"]) == 3 and point["source"] in ("image", "report")
+            assert all(abs(c) < 1000 for c in point["ras_mm"])  # millimetres inside a chest, not voxels
+    # The report places the queried finding: its point is labelled with it.
+    assert any(p["source"] == "report" and p["finding"] == "Pleural effusion" for r in results for p in r["evidence"])
 
 
 def test_image_search_api_finds_the_scan_itself_and_case_details(client, running_app):

@@ -233,14 +233,20 @@ class MedFinder(nn.Module):
             return self.embed_image(images)
         return F.normalize(self.image(images).float(), dim=-1)
 
-    def encode_image(self, images: torch.Tensor, batch_size: int = 8, test_time_augmentation: bool = False
+    def encode_image(self, images: torch.Tensor, batch_size: int | None = None, test_time_augmentation: bool = False
                      ) -> torch.Tensor:
         """(B, D) L2-normalised embeddings of preprocessed volumes (B, C, x, y, z).
 
+        ``batch_size``: volumes per forward pass; by default one on a CPU and 8 on a GPU. On a CPU a
+        batch buys no speed (the convolutions already use every core on one volume) and multiplies the
+        activations' memory: the real-CT tower at its full size indexed 0.08 cases/s at a 10.6 GB peak in
+        batches of 8, 0.11 cases/s at 2.6 GB one at a time (docs/benchmarks.md).
         ``test_time_augmentation`` (what an index stores for its scans): each embedding is the
         mean of the volume's own and its config's fixed augmented views, renormalised, at
         ``views + 1`` times the cost; a query scan is encoded without it, fast.
         """
+        if batch_size is None:
+            batch_size = 1 if self.device.type == "cpu" else 8
         if images.ndim == 4:
             images = images.unsqueeze(0)
         dim = self.image_embed_dim

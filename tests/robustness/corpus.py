@@ -3,7 +3,6 @@ with the error type the library must raise and a word its sentence must contain.
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import stat
