@@ -92,9 +92,16 @@ class MemorySampler:
         self.thread.join()
 
 
-def steady_rate(summary: object, seconds: float, batch_size: int) -> float:
-    """Cases per second after the first batch was written (the pipeline running, start-up paid)."""
+def steady_rate(summary: object, seconds: float, batch_size: int) -> float | None:
+    """Cases per second after the first batch was written (the pipeline running, start-up paid); None
+    when there was only one batch (use a smaller --batch-size)."""
+    if summary.added <= batch_size:
+        return None
     return (summary.added - batch_size) / max(seconds - summary.first_case_s, 1e-9)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
 def mb(peaks: dict[str, int]) -> dict[str, float]:
@@ -146,8 +153,8 @@ def main() -> None:
                 "cases_per_s": round(summary.added / seconds, 3),
                 "throughput_vs_plain": round((summary.added / seconds) / (plain.added / plain_s), 3),
                 "first_case_s": round(summary.first_case_s, 2),
-                "steady_cases_per_s": round(steady_rate(summary, seconds, args.batch_size), 3),
-                "steady_vs_plain": round(steady_rate(summary, seconds, args.batch_size) / plain_steady, 3),
+                "steady_cases_per_s": ratio(steady_rate(summary, seconds, args.batch_size), 1.0),
+                "steady_vs_plain": ratio(steady_rate(summary, seconds, args.batch_size), plain_steady),
                 "same_cases_as_plain": set(got) == set(reference),
                 "min_cosine_to_plain": round(min(float(got[k] @ reference[k]) for k in reference), 6) if set(got) == set(reference) else None,
                 "peak_rss_mb": mb(memory.peak),
@@ -161,11 +168,11 @@ def main() -> None:
         "cases": len(records),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "gpu": False},
         "plain": {"workers": 1, "seconds": round(plain_s, 2), "cases_per_s": round(plain.added / plain_s, 3),
-                  "first_case_s": round(plain.first_case_s, 2), "steady_cases_per_s": round(plain_steady, 3)},
+                  "first_case_s": round(plain.first_case_s, 2), "steady_cases_per_s": ratio(plain_steady, 1.0)},
         "ray_init_s": ray_init_s,
         "ray": runs,
         "scaling_1_to_2_actors": {"end_to_end": round(runs[1]["cases_per_s"] / runs[0]["cases_per_s"], 3),
-                                  "steady": round(runs[1]["steady_cases_per_s"] / runs[0]["steady_cases_per_s"], 3)},
+                                  "steady": ratio(runs[1]["steady_cases_per_s"], runs[0]["steady_cases_per_s"])},
         "gpu_throughput": "not measured: this machine has no GPU",
     }, indent=2))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_errors import one_sentence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,14 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
-
-def _one_sentence_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_search_json_contract(tiny_index, tiny_model_dir):
@@ -45,17 +38,17 @@ def test_search_one_channel_and_image(tiny_index, tiny_model_dir, tiny_corpus):
 
 
 def test_search_errors(tiny_index, tiny_model_dir, tmp_path):
-    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tmp_path / "nope"), "--text", "x"),
+    one_sentence(_run("-m", "medfinder", "search", "--index", str(tmp_path / "nope"), "--text", "x"),
                         "nope", "does not exist")
     bad = tmp_path / "bad.nii.gz"
     bad.write_text("hello")
-    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--model",
+    one_sentence(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--model",
                              str(tiny_model_dir), "--image", str(bad)), "bad.nii.gz")
-    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--text", "x", "-k", "0"), "-k")
-    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(tiny_index)), "required")
+    one_sentence(_run("-m", "medfinder", "search", "--index", str(tiny_index), "--text", "x", "-k", "0"), "-k")
+    one_sentence(_run("-m", "medfinder", "search", "--index", str(tiny_index)), "required")
     not_index = tmp_path / "empty_folder"
     not_index.mkdir()
-    _one_sentence_error(_run("-m", "medfinder", "search", "--index", str(not_index), "--model",
+    one_sentence(_run("-m", "medfinder", "search", "--index", str(not_index), "--model",
                              str(tiny_model_dir), "--text", "x"), "empty_folder")
 
 
@@ -115,9 +108,9 @@ def test_workers_do_not_need_shared_memory(command, tiny_corpus, tmp_path):
 
 
 def test_index_build_errors(tmp_path, tiny_model_dir):
-    _one_sentence_error(_run("-m", "index_build", "--manifest", str(tmp_path / "none.csv"), "--out",
+    one_sentence(_run("-m", "index_build", "--manifest", str(tmp_path / "none.csv"), "--out",
                              str(tmp_path / "o"), "--model", str(tiny_model_dir)), "none.csv")
-    _one_sentence_error(_run("-m", "index_build", "--out", str(tmp_path / "o")), "required")
+    one_sentence(_run("-m", "index_build", "--out", str(tmp_path / "o")), "required")
 
 
 @pytest.mark.parametrize("error, sentence", [

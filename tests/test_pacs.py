@@ -20,15 +20,21 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
+from cli_errors import one_sentence
 from dicom_factory import FAKE_PHI, write_series, write_text_report
 from orthanc import AVAILABLE, SKIP_REASON, FaultyProxy, Orthanc, free_port
 from pydicom.uid import generate_uid
 
 from medfinder.errors import CaseIndexError
 from medfinder.index import CaseIndex
-from medfinder.io.dicom import LOCALIZER, SECONDARY_CAPTURE, TEXT_REPORT
-from medfinder.io.dicomweb import FETCH_FAILED, NOT_A_VOLUME, PacsClient, parse_pacs_source
 from medfinder.io.deidentify import series_case_id
+from medfinder.io.dicom import LOCALIZER, SECONDARY_CAPTURE, TEXT_REPORT
+from medfinder.io.dicomweb import (
+    FETCH_FAILED,
+    NOT_A_VOLUME,
+    PacsClient,
+    parse_pacs_source,
+)
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=SKIP_REASON)
 
@@ -109,15 +115,6 @@ def _cli(pacs: SimpleNamespace, *args: str, env: dict | None = None, timeout: fl
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env or _env(pacs), capture_output=True,
                           text=True, timeout=timeout)
 
-
-def _one_sentence(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
-    assert len(lines) == 1, proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def index_records(index: Path, case_ids: set[str]) -> list:
@@ -227,7 +224,7 @@ def test_search_by_accession_takes_the_main_series_and_unknown_study(pacs, pacs_
         search_by_study(searcher, client, "ACC-NOT-THERE", k=2)
     assert "No study" in str(info.value) and "ACC-NOT-THERE" not in str(info.value)
     proc = _cli(pacs, "medfinder", "search", "--index", str(pacs_index.out), "--study", pacs.abdomen[0])
-    _one_sentence(proc, "--study and --dicomweb go together")
+    one_sentence(proc, "--study and --dicomweb go together")
 
 
 def test_link_to_pacs_keeps_uids_says_so_and_the_app_opens_the_viewer(pacs, tiny_model_dir, tmp_path, monkeypatch):
@@ -248,7 +245,7 @@ def test_link_to_pacs_keeps_uids_says_so_and_the_app_opens_the_viewer(pacs, tiny
     assert pacs.abdomen in sources and pacs.p1 in sources
     refused = _cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", str(out), "--model",
                    str(tiny_model_dir))
-    _one_sentence(refused, "--link-to-pacs")
+    one_sentence(refused, "--link-to-pacs")
 
     uploads = UploadFolder()
     settings = AppSettings(index=out, model=str(tiny_model_dir), dicomweb=pacs.server.dicomweb,
@@ -311,23 +308,23 @@ def test_wrong_credentials_bad_urls_and_options_are_one_sentence(pacs, tmp_path,
     wrong = _env(pacs, MEDFINDER_DICOMWEB_PASSWORD="not-the-password-4711")
     proc = _cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, env=wrong)
     assert "not-the-password-4711" not in proc.stdout + proc.stderr
-    _one_sentence(proc, "authentication", "401")
+    one_sentence(proc, "authentication", "401")
     assert not Path(out).exists()  # nothing written before the server said yes
     token = _env(pacs, MEDFINDER_DICOMWEB_TOKEN="tok-secret-0815")
     proc = _cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, env=token)
     assert "tok-secret-0815" not in proc.stderr
-    _one_sentence(proc, "authentication")
-    _one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.url, "--out", out), "does not answer as a DICOMweb")
-    _one_sentence(_cli(pacs, "index_build", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--out", out),
+    one_sentence(proc, "authentication")
+    one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.url, "--out", out), "does not answer as a DICOMweb")
+    one_sentence(_cli(pacs, "index_build", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web", "--out", out),
                   "Cannot reach")
     proc = _cli(pacs, "index_build", "--dicomweb", f"http://someone:pw-9911@127.0.0.1:{pacs.server.http_port}/dicom-web",
                 "--out", out)
     assert "pw-9911" not in proc.stderr
-    _one_sentence(proc, "must not hold credentials")
-    _one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, "--since", "2024-01-01"),
+    one_sentence(proc, "must not hold credentials")
+    one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, "--since", "2024-01-01"),
                   "--since", "YYYYMMDD")
-    _one_sentence(_cli(pacs, "index_build", "--manifest", "x.csv", "--out", out, "--link-to-pacs"), "--dicomweb")
-    _one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, "--workers", "2"),
+    one_sentence(_cli(pacs, "index_build", "--manifest", "x.csv", "--out", out, "--link-to-pacs"), "--dicomweb")
+    one_sentence(_cli(pacs, "index_build", "--dicomweb", pacs.server.dicomweb, "--out", out, "--workers", "2"),
                   "--workers")
 
 
