@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -53,14 +52,8 @@ from medfinder.io.manifests import read_manifest  # noqa: E402
 
 def stored_vectors(folder: Path) -> dict[tuple[str, str], np.ndarray]:
     with CaseIndex.open(folder) as index:
-        generation = json.loads((folder / "index.json").read_text())["generation"]
-        with sqlite3.connect(folder / "generations" / f"{generation:06d}" / "cases.sqlite") as db:
-            names = dict(db.execute("SELECT label, case_id FROM cases"))
-        out = {}
-        for channel in index.channels:
-            labels, vectors = index.vector_index(channel).vectors()
-            out.update({(names[label], channel): vector for label, vector in zip(labels.tolist(), vectors)})
-    return out
+        return {(case_id, channel): vector for channel in index.channels
+                for case_id, vector in index.vectors(channel).items()}
 
 
 class MemorySampler:

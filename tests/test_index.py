@@ -131,6 +131,30 @@ def test_hnsw_after_heavy_deletion_still_returns_k_live_neighbours() -> None:
     assert np.allclose(hnsw_scores, exact_scores, atol=1e-5)
 
 
+def test_hnsw_falls_back_to_an_exact_search_when_the_graph_cannot_give_k() -> None:
+    class Unreachable:  # a graph whose live items cannot all be reached, whatever ef
+        def __init__(self, graph: object) -> None:
+            self.graph = graph
+
+        def knn_query(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.graph, name)
+
+    data = clustered(60, 16, seed=8)
+    hnsw, exact = HnswIndex(16), ExactIndex(16)
+    for index in (hnsw, exact):
+        index.add(np.arange(60), data)
+        index.delete(np.arange(0, 50, 2))
+    hnsw._index = Unreachable(hnsw._index)
+    query = clustered(2, 16, seed=9)
+    hnsw_ids, hnsw_scores = hnsw.query(query, 4)
+    exact_ids, exact_scores = exact.query(query, 4)
+    assert hnsw_ids.tolist() == exact_ids.tolist()
+    assert np.allclose(hnsw_scores, exact_scores, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", [ExactIndex, HnswIndex])
 def test_vector_index_round_trip_keeps_results_deletions_and_updates(backend: type, tmp_path: Path) -> None:
     data = clustered(200, 16, seed=7)
@@ -202,6 +226,26 @@ def test_round_trip_gives_the_same_results_and_records(tmp_path: Path, backend: 
     assert CaseIndex.read_info(folder) == {key: value for key, value in info.items() if key != "uncommitted_changes"}
     manifest = json.loads((folder / "index.json").read_text())
     assert manifest["dims"] == DIMS and set(manifest["files"]) >= {"cases.sqlite", "keywords.json"}
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "exact"])
+def test_stored_vectors_come_back_by_case_id_without_deleted_cases(tmp_path: Path, backend: str) -> None:
+    cases = entries(12, seed=5)
+    with CaseIndex.create(tmp_path / "i", "m", FINGERPRINT, DIMS, {"backend": backend}) as index:
+        index.add(cases)
+        index.delete(["case-0002"])
+        index.add([CaseEntry("case-0005", {"report": cases[5].vectors["report"]}, report="Normal chest CT.")])
+        index.commit()
+    with CaseIndex.open(tmp_path / "i") as reopened:
+        image = reopened.vectors("image")
+        assert set(image) == {case.case_id for case in cases} - {"case-0002", "case-0005"}
+        assert set(reopened.vectors("report")) == {case.case_id for case in cases} - {"case-0002"}
+        for case in cases:
+            if case.case_id in image:
+                expected = case.vectors["image"] / np.linalg.norm(case.vectors["image"])
+                assert np.allclose(image[case.case_id], expected, atol=1e-6)
+        with pytest.raises(CaseIndexError, match="no channel 'text'"):
+            reopened.vectors("text")
 
 
 def test_a_query_vector_finds_its_own_case_first(tmp_path: Path) -> None:

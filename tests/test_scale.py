@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -33,17 +32,9 @@ TESTS = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------- helpers
 def stored_vectors(folder: Path) -> dict[tuple[str, str], np.ndarray]:
     """{(case id, channel): unit vector} of an index built with the exact backend."""
-    index = CaseIndex.open(folder)
-    generation = json.loads((folder / "index.json").read_text())["generation"]
-    with sqlite3.connect(folder / "generations" / f"{generation:06d}" / "cases.sqlite") as db:
-        names = dict(db.execute("SELECT label, case_id FROM cases"))
-    out = {}
-    for channel in index.channels:
-        labels, vectors = index.vector_index(channel).vectors()
-        for label, vector in zip(labels.tolist(), vectors):
-            out[(names[label], channel)] = vector
-    index.close()
-    return out
+    with CaseIndex.open(folder) as index:
+        return {(case_id, channel): vector for channel in index.channels
+                for case_id, vector in index.vectors(channel).items()}
 
 
 def assert_same_index(built: Path, reference: dict[tuple[str, str], np.ndarray]) -> None:

@@ -770,6 +770,17 @@ class CaseIndex:
             )
         return self._vectors[channel]
 
+    def vectors(self, channel: str) -> dict[str, np.ndarray]:
+        """Every stored unit vector of ``channel``, by case id (to export embeddings or compare builds)."""
+        backend = self.vector_index(channel)
+        if not hasattr(backend, "vectors"):
+            raise CaseIndexError(f"The {channel!r} vectors of the case index at {self.folder} live in "
+                                 f"{type(backend).__name__}, which does not hand them back; read them there.")
+        labels, vectors = backend.vectors()
+        with self._lock:
+            names = dict(self._reader().execute("SELECT label, case_id FROM cases"))
+        return {names[label]: vector for label, vector in zip(labels.tolist(), vectors) if label in names}
+
     def query(self, channel: str, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
         """The k cases whose ``channel`` vector is most similar to ``vector``: (case_id, cosine), best first."""
         vectors = self.vector_index(channel)

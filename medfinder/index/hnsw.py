@@ -161,10 +161,17 @@ class HnswIndex:
                     self._index.set_ef(self.ef)
 
     def _exact_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.asarray(self.live_ids(), dtype=np.int64)
-        stored = np.asarray(self._index.get_items(labels, return_type="numpy"), dtype=np.float32)
+        labels, stored = self.vectors()
         rows, scores = exact_search(stored, queries, k)
         return labels[rows], scores
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors) of every live entry, as copies."""
+        labels = np.asarray(self.live_ids(), dtype=np.int64)
+        if not labels.shape[0]:
+            return labels, np.zeros((0, self.dim), dtype=np.float32)
+        # chroma-hnswlib's get_items takes a list and returns lists; re-normalised against float drift.
+        return labels, normalise(np.asarray(self._index.get_items(labels.tolist()), dtype=np.float32), self.dim)
 
     def live_ids(self) -> list[int]:
         with self._lock:
