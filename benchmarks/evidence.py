@@ -127,7 +127,7 @@ def main() -> int:
                     found = searcher.evidence(r)
                     seconds[method].append(time.perf_counter() - started)
                     point = found[0].ras_mm if found else None
-                    for label in {label for label, _, _ in shared}:
+                    for label in sorted({label for label, _, _ in shared}):  # sorted: the random baseline draws in a fixed order
                         boxes = [(box, aff) for lab, box, aff in shared if lab == label]
                         hit = point is not None and any(inside(point, box, aff) for box, aff in boxes)
                         hits[method].setdefault(label, []).append(hit)

@@ -2,6 +2,7 @@
 
     python benchmarks/real_ct_tower.py                         # chosen size, demo tower beside it
     python benchmarks/real_ct_tower.py --sizes full chosen     # agreement of the chosen size with Merlin's full size
+    python benchmarks/real_ct_tower.py --sizes full --pooling  # poolings of the last feature map (body-masked, GeM, max)
 
 Real scans: the abdomen CT crop and the DICOM series of tests/data (also ../shared/data/ct). From each
 scan S it makes partners a tower must match to S (or to each other), as the same patient's other scan:
@@ -162,6 +163,42 @@ def tower_at(size: str) -> tuple[MedFinder, object, dict]:
     return model, preprocessor, {"spacing_mm": list(pp.spacing), "shape": list(pp.shape)}
 
 
+#: ``--pooling``: poolings of the tower's last feature map compared with its own global average. A short
+#: or cropped scan fills part of the 224 x 224 x 160 field of view, the rest is padding read as air; the
+#: body-masked variants average only the positions over the body (HU above -500).
+BODY_HU = -500.0
+
+
+def pooling_variants(model: MedFinder, preprocessor, items: dict[str, Volume]) -> dict[str, np.ndarray]:
+    """{variant: (n, channels) unit vectors}, in ``items`` order: ``average`` (the tower's own),
+    ``body_weighted`` (each position weighted by its body fraction), ``body_over_0.1`` and ``body_over_0.3``
+    (positions whose body fraction exceeds it), ``gem3`` (generalised mean, p = 3) and ``max``."""
+    low, high = model.config.preprocess.windows[0]
+    threshold = (BODY_HU - low) / (high - low)
+    maps, weights = [], []
+    with torch.no_grad():
+        for volume in items.values():
+            x = preprocessor(volume).unsqueeze(0)
+            features = model.image.feature_map(x)[0]
+            body = torch.nn.functional.adaptive_avg_pool3d((x[:, :1] > threshold).float(), features.shape[1:])
+            maps.append(features.flatten(1).numpy())
+            weights.append(body.flatten().numpy())
+
+    def over(fraction: float) -> np.ndarray:
+        return np.stack([m[:, w > fraction].mean(axis=1) if (w > fraction).any() else m.mean(axis=1)
+                         for m, w in zip(maps, weights)])
+
+    variants = {
+        "average": np.stack([m.mean(axis=1) for m in maps]),
+        "body_weighted": np.stack([(m * w).sum(axis=1) / max(w.sum(), 1e-9) for m, w in zip(maps, weights)]),
+        "body_over_0.1": over(0.1),
+        "body_over_0.3": over(0.3),
+        "gem3": np.stack([np.power(np.power(np.maximum(m, 0), 3).mean(axis=1), 1 / 3) for m in maps]),
+        "max": np.stack([m.max(axis=1) for m in maps]),
+    }
+    return {name: v / np.linalg.norm(v, axis=1, keepdims=True) for name, v in variants.items()}
+
+
 def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Mean Spearman correlation of each item's similarity ranking under two embeddings."""
     from scipy.stats import spearmanr
@@ -182,6 +219,8 @@ def main() -> int:
     parser.add_argument("--demo-model", default=str(REPO / "assets" / "model"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--save", type=Path, help="also save each size's vectors beside this path (.npz)")
+    parser.add_argument("--pooling", action="store_true",
+                        help="also compare poolings of the last feature map at the first size (one more pass)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,6 +251,13 @@ def main() -> int:
                                         "invariance_centred": invariance(names, centred)}
         del model
     first = args.sizes[0]
+    if args.pooling:
+        model, pp, grid = tower_at(first)
+        result[f"pooling_{first}"] = {
+            name: {"rank1": (r := retrieval(names, vectors, pairs))["rank1"],
+                   "misses": [{"query": p["query"], "rank": p["rank"]} for p in r["pairs"] if p["rank"] > 1]}
+            for name, vectors in pooling_variants(model, pp, items).items()}
+        del model
     for size in args.sizes[1:]:
         a, b = by_size[first], by_size[size]
         result[f"agreement_{size}_vs_{first}"] = {

@@ -44,6 +44,8 @@ MAX_EVIDENCE = 6
 EVIDENCE_CACHE = 256
 #: Case scans a Searcher keeps loaded (a real CT is 100-200 MB), for the viewer and evidence.
 VOLUME_CACHE = 4
+#: Indexed scans sampled to calibrate how much a scan resembles a finding's name.
+LIKENESS_SAMPLE = 4096
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class Searcher:
         self._evidence_cache: OrderedDict[tuple, list[Evidence]] = OrderedDict()
         self._evidence_lock = threading.Lock()
         self._volumes: OrderedDict[str, Volume] = OrderedDict()
+        self._finding_likeness: dict[str, tuple[np.ndarray, float, float]] = {}
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
@@ -381,6 +384,13 @@ class Searcher:
         names = target.findings if target.kind == "text" else None
         top = float(heat.max()) if heat is not None else 0.0
         located = ev.located_findings(result.report, result.findings, names)
+        queried = set(target.findings) if target.kind == "text" else set()
+        if target.kind == "image" and located and target.vector is not None and self.model.aligned:
+            # A CT query names no finding: of those this case's report places, the one the query scan
+            # resembles most (CLIP-style, against how much every indexed scan resembles it) is the
+            # likeliest reason the two matched.
+            likeness = {name: self.finding_likeness(target.vector, name) for name, _, _ in located}
+            queried = {max(likeness, key=likeness.__getitem__)}
         chest = ev.Chest.of(volume) if located else None
         for name, side, level in located:
             region = ev.region_mask(chest, side, level)
@@ -394,9 +404,25 @@ class Searcher:
             if centre is not None:
                 found.append(Evidence(centre, 0.0, "report", name))
         # Where the report places a queried finding and the image agrees comes first: both support it.
-        queried = set(target.findings) if target.kind == "text" else set()
         ranked = sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
         return ranked[:MAX_EVIDENCE]
+
+    def finding_likeness(self, image_vector: np.ndarray, finding: str) -> float:
+        """How much a scan (its vector in the joint space) resembles ``finding``'s name, in standard
+        deviations above the indexed scans' mean resemblance: raw cosines to different names are not
+        comparable (some names sit closer to every scan)."""
+        if finding not in self._finding_likeness:
+            name_vector = self.model.encode_query(finding)[0].numpy()
+            backend = self.index.vector_index("image")
+            if hasattr(backend, "vectors"):
+                _, stored = backend.vectors()
+                cosines = stored[:: max(1, len(stored) // LIKENESS_SAMPLE)] @ name_vector
+                mean, spread = float(cosines.mean()), float(cosines.std()) or 1.0
+            else:
+                mean, spread = 0.0, 1.0
+            self._finding_likeness[finding] = (name_vector, mean, spread)
+        name_vector, mean, spread = self._finding_likeness[finding]
+        return (float(image_vector @ name_vector) - mean) / spread
 
     def case_volume(self, result: SearchResult | StoredCase) -> Volume | None:
         """The case's scan, when the file it was indexed from is reachable from here (the last few kept)."""
