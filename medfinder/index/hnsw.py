@@ -18,7 +18,7 @@ import hnswlib
 import numpy as np
 
 from ..errors import CaseIndexError
-from .vectors import as_ids, check_batch, empty_result, exact_search, normalise
+from .vectors import as_ids, checked_batch, empty_result, exact_search, normalise
 
 #: Measured with benchmarks/ann_recall.py (clustered unit vectors, dim 256, 2 cores): M=16 and
 #: ef_construction=200 store 1.18 kB per vector on disk and build 10^5 vectors in 31 s, 10^6 in
@@ -113,9 +113,7 @@ class HnswIndex:
             return self._index.element_count - len(self._deleted)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids = as_ids(ids)
-        vectors = normalise(vectors, self.dim)
-        check_batch(ids, vectors)
+        ids, vectors = checked_batch(ids, vectors, self.dim)
         if not ids.shape[0]:
             return
         with self._lock:

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import CaseIndexError
 from .storage import LITE_FILE
-from .vectors import as_ids, check_batch, empty_result, normalise
+from .vectors import as_ids, checked_batch, empty_result, normalise
 #: Where a token for a Milvus server comes from (``user:password`` or an API key); never written down.
 TOKEN_ENV = "MEDFINDER_MILVUS_TOKEN"
 #: Seconds to wait for a Milvus server before saying it cannot be reached.
@@ -268,9 +268,7 @@ class MilvusIndex:
         return self._count
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids = as_ids(ids)
-        vectors = normalise(vectors, self.dim)
-        check_batch(ids, vectors)
+        ids, vectors = checked_batch(ids, vectors, self.dim)
         if not ids.shape[0]:
             return
         labels = ids.tolist()

@@ -76,11 +76,15 @@ def as_ids(ids: np.ndarray | list[int], what: str = "ids") -> np.ndarray:
     return array
 
 
-def check_batch(ids: np.ndarray, vectors: np.ndarray) -> None:
+def checked_batch(ids: np.ndarray | list[int], vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch to add, as every backend takes it: int64 ids, distinct, one per unit float32 row of ``dim``."""
+    ids = as_ids(ids)
+    vectors = normalise(vectors, dim)
     if ids.shape[0] != vectors.shape[0]:
         raise CaseIndexError(f"{ids.shape[0]} ids were given for {vectors.shape[0]} vectors.")
     if np.unique(ids).shape[0] != ids.shape[0]:
         raise CaseIndexError("The ids of one batch must be distinct.")
+    return ids, vectors
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -131,9 +135,7 @@ class ExactIndex:
         return len(self._row_of)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids = as_ids(ids)
-        vectors = normalise(vectors, self.dim)
-        check_batch(ids, vectors)
+        ids, vectors = checked_batch(ids, vectors, self.dim)
         with self._lock:
             needed = len(self._row_of) + ids.shape[0]
             if needed > self._ids.shape[0]:
