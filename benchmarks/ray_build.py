@@ -103,6 +103,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def mb(peaks: dict[str, int]) -> dict[str, float]:
     return {role: round(value / 2**20, 1) for role, value in sorted(peaks.items())}
 
@@ -142,6 +146,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
             ray.shutdown()
             got = stored_vectors(out)
+            steady = steady_rate(summary, seconds, args.batch_size)
             runs.append({
                 "ray_cpus": num_cpus,
                 "actors": actors,
@@ -152,8 +157,8 @@ def main() -> None:
                 "cases_per_s": round(summary.added / seconds, 3),
                 "throughput_vs_plain": round((summary.added / seconds) / (plain.added / plain_s), 3),
                 "first_case_s": round(summary.first_case_s, 2),
-                "steady_cases_per_s": ratio(steady_rate(summary, seconds, args.batch_size), 1.0),
-                "steady_vs_plain": ratio(steady_rate(summary, seconds, args.batch_size), plain_steady),
+                "steady_cases_per_s": rounded(steady),
+                "steady_vs_plain": ratio(steady, plain_steady),
                 "same_cases_as_plain": set(got) == set(reference),
                 "min_cosine_to_plain": round(min(float(got[k] @ reference[k]) for k in reference), 6) if set(got) == set(reference) else None,
                 "peak_rss_mb": mb(memory.peak),
@@ -167,7 +172,7 @@ def main() -> None:
         "cases": len(records),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "gpu": False},
         "plain": {"workers": 1, "seconds": round(plain_s, 2), "cases_per_s": round(plain.added / plain_s, 3),
-                  "first_case_s": round(plain.first_case_s, 2), "steady_cases_per_s": ratio(plain_steady, 1.0)},
+                  "first_case_s": round(plain.first_case_s, 2), "steady_cases_per_s": rounded(plain_steady)},
         "ray_init_s": ray_init_s,
         "ray": runs,
         "scaling_1_to_2_actors": {"end_to_end": round(runs[1]["cases_per_s"] / runs[0]["cases_per_s"], 3),

@@ -203,6 +203,7 @@ class Searcher:
         self._evidence_lock = threading.Lock()
         self._volumes: OrderedDict[str, Volume] = OrderedDict()
         self._finding_likeness: dict[str, tuple[np.ndarray, float, float]] = {}
+        self._likeness_scans: np.ndarray | None = None
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
@@ -413,16 +414,27 @@ class Searcher:
         comparable (some names sit closer to every scan)."""
         if finding not in self._finding_likeness:
             name_vector = self.model.encode_query(finding)[0].numpy()
-            backend = self.index.vector_index("image")
-            if hasattr(backend, "vectors"):
-                _, stored = backend.vectors()
-                cosines = stored[:: max(1, len(stored) // LIKENESS_SAMPLE)] @ name_vector
+            scans = self._likeness_sample()
+            if scans.shape[0]:
+                cosines = scans @ name_vector
                 mean, spread = float(cosines.mean()), float(cosines.std()) or 1.0
             else:
                 mean, spread = 0.0, 1.0
             self._finding_likeness[finding] = (name_vector, mean, spread)
         name_vector, mean, spread = self._finding_likeness[finding]
         return (float(image_vector @ name_vector) - mean) / spread
+
+    def _likeness_sample(self) -> np.ndarray:
+        """Up to ``LIKENESS_SAMPLE`` indexed image vectors, read once per Searcher (every name is
+        calibrated against the same scans); empty where the backend does not hand its vectors back."""
+        if self._likeness_scans is None:
+            backend = self.index.vector_index("image")
+            if hasattr(backend, "vectors"):
+                _, stored = backend.vectors()
+                self._likeness_scans = np.ascontiguousarray(stored[:: max(1, len(stored) // LIKENESS_SAMPLE)])
+            else:
+                self._likeness_scans = np.zeros((0, self.index.channels["image"]), dtype=np.float32)
+        return self._likeness_scans
 
     def case_volume(self, result: SearchResult | StoredCase) -> Volume | None:
         """The case's scan, when the file it was indexed from is reachable from here (the last few kept)."""
