@@ -248,6 +248,13 @@ def test_stored_vectors_come_back_by_case_id_without_deleted_cases(tmp_path: Pat
             reopened.vectors("text")
 
 
+def test_vectors_kept_in_milvus_are_refused_with_one_sentence(tmp_path: Path) -> None:
+    with make_index(tmp_path / "i", n=4, backend="milvus") as index:
+        with pytest.raises(CaseIndexError, match=r"^The 'image' vectors of the case index at .* live in MilvusIndex, "
+                                                 r"which does not hand them back; read them there\.$"):
+            index.vectors("image")
+
+
 def test_a_query_vector_finds_its_own_case_first(tmp_path: Path) -> None:
     cases = entries(30, seed=3)
     with CaseIndex.create(tmp_path / "i", "m", FINGERPRINT, DIMS) as index:
