@@ -12,7 +12,8 @@ For every result of a search, the locations that best support it:
 - **report evidence**: where the case's report names a queried finding with a side ("right pleural
   effusion"), a level ("lower lobe") or the mediastinum, the best image evidence for that finding
   inside that part of the chest (the scan's own lung and body masks), labelled with the finding;
-  without an aligned model, the centre of that part.
+  without an aligned model, the centre of that part. A finding whose look on CT is known (calcium,
+  metal, the heart, a nodule: ``appearance.py``) is pointed at where the scan looks like it instead.
 
 Points are world RAS+ millimetres of the case's image (its affine), so a viewer or a PACS can go
 there. Evidence is computed only when asked (``Searcher.search(..., evidence=True)``, the app's
@@ -82,6 +83,13 @@ class PreparedScan:
     def world(self, voxel: Sequence[float]) -> tuple[float, float, float]:
         point = self.affine @ np.array([*voxel, 1.0])
         return (float(point[0]), float(point[1]), float(point[2]))
+
+    def value_at(self, grid: np.ndarray, point: Sequence[float]) -> float:
+        """A map over the model's input grid, read at the input voxel nearest a world point."""
+        voxel = np.rint(np.linalg.solve(self.affine, np.array([*point, 1.0]))[:3]).astype(int)
+        if np.any(voxel < 0) or np.any(voxel >= np.array(grid.shape)):
+            return 0.0
+        return float(grid[tuple(voxel)])
 
     def body(self) -> np.ndarray:
         return self.tensor[0].numpy() > BODY_LEVEL
@@ -242,22 +250,37 @@ def region_mask(chest: Chest, side: str | None, level: str | None) -> np.ndarray
     lower third of the lungs' height; or the mediastinum. Empty when the scan shows no lung there."""
     if level == "mediastinum":
         return _mediastinum(chest)
-    grown, lungs = chest.grown.copy(), chest.lungs
+    grown = chest.grown.copy()
     if side:
-        # RAS+: the array's first axis runs towards the patient's right.
-        x = np.arange(grown.shape[0])
-        half = x > chest.middle if side == "right" else x <= chest.middle
-        grown &= half[:, None, None]
-        lungs = lungs & half[:, None, None]
-    if level and lungs.any():
+        grown &= side_half(chest, side)
+    if level:
+        grown &= level_band(chest, level, side)
+    return grown
+
+
+def side_half(chest: Chest, side: str) -> np.ndarray:
+    """The patient's ``side`` ("right" or "left") of the body's middle, as a mask broadcast to the scan."""
+    # RAS+: the array's first axis runs towards the patient's right.
+    x = np.arange(chest.body.shape[0])
+    half = x > chest.middle if side == "right" else x <= chest.middle
+    return np.broadcast_to(half[:, None, None], chest.body.shape)
+
+
+def level_band(chest: Chest, level: str, side: str | None = None) -> np.ndarray:
+    """The upper, middle or lower third of the lungs' height, or "all" of it (of that ``side``'s lung when
+    given), as a mask broadcast to the scan; everything when the scan shows no lung there."""
+    lungs = chest.lungs & side_half(chest, side) if side else chest.lungs
+    keep = np.ones(chest.body.shape[2], dtype=bool)
+    if lungs.any():
         zs = np.nonzero(lungs.any(axis=(0, 1)))[0]
         low, high = zs.min(), zs.max() + 1
         third = (high - low) / 3
-        bands = {"lower": (low, low + third), "middle": (low + third, low + 2 * third), "upper": (low + 2 * third, high)}
+        bands = {"lower": (low, low + third), "middle": (low + third, low + 2 * third), "upper": (low + 2 * third, high),
+                 "all": (low, high)}
         z0, z1 = bands[level]
-        keep = (np.arange(grown.shape[2]) >= z0) & (np.arange(grown.shape[2]) < z1)
-        grown &= keep[None, None, :]
-    return grown
+        z = np.arange(chest.body.shape[2])
+        keep = (z >= z0) & (z < z1)
+    return np.broadcast_to(keep[None, None, :], chest.body.shape)
 
 
 def _mediastinum(chest: Chest) -> np.ndarray:
@@ -296,6 +319,10 @@ def on_input_grid(mask: np.ndarray, scan: PreparedScan) -> np.ndarray:
 def centroid_world(mask: np.ndarray, volume: Volume) -> tuple[float, float, float] | None:
     if not mask.any():
         return None
-    centre = np.array(ndimage.center_of_mass(mask))
-    point = volume.affine @ np.array([*centre, 1.0])
+    return voxel_world(volume, ndimage.center_of_mass(mask))
+
+
+def voxel_world(volume: Volume, voxel: Sequence[float]) -> tuple[float, float, float]:
+    """A voxel of the case's scan (its array as loaded) in world RAS+ mm."""
+    point = volume.affine @ np.array([*voxel, 1.0])
     return (float(point[0]), float(point[1]), float(point[2]))

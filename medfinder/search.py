@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .appearance import APPEARANCES, appearance_map
 from .errors import MedFinderError
 from .evidence import DEFAULT_METHOD, Evidence
 from .index import CaseIndex, StoredCase
@@ -385,7 +386,14 @@ class Searcher:
         names = target.findings if target.kind == "text" else None
         top = float(heat.max()) if heat is not None else 0.0
         located = ev.located_findings(result.report, result.findings, names)
+        # A finding whose look on CT is known (calcium, metal, the heart, a nodule) can be found in the
+        # scan even where its report does not place it.
+        placed = {name for name, _, _ in located}
+        located += [(name, None, None) for name in dict.fromkeys(
+            f["name"] for f in result.findings if f.get("status") == "affirmed" and f["name"] in APPEARANCES
+            and f["name"] not in placed and (names is None or f["name"] in names))]
         queried = set(target.findings) if target.kind == "text" else set()
+        likeness: dict[str, float] = {}
         if target.kind == "image" and located and target.vector is not None and self.model.aligned:
             # A CT query names no finding: of those this case's report places, the one the query scan
             # resembles most (CLIP-style, against how much every indexed scan resembles it) is the
@@ -393,7 +401,16 @@ class Searcher:
             likeness = {name: self.finding_likeness(target.vector, name) for name, _, _ in located}
             queried = {max(likeness, key=likeness.__getitem__)}
         chest = ev.Chest.of(volume) if located else None
-        for name, side, level in located:
+        for name, side, level in dict.fromkeys(located):  # a report may say the same place twice
+            # Only the queried finding is looked for by its look: a map costs up to a few seconds.
+            looks = appearance_map(name, volume, chest, side) if name in queried else None
+            if looks is not None and looks.max() > 0:
+                point = ev.voxel_world(volume, np.unravel_index(int(looks.argmax()), looks.shape))
+                score = scan.value_at(heat, point) / top if top > 0 else 0.0
+                found.append(Evidence(point, score, "report", name))
+                continue
+            if side is None and level is None:
+                continue  # the report does not place it, and it was not looked for
             region = ev.region_mask(chest, side, level)
             if heat is not None and top > 0:
                 inside = np.where(ev.on_input_grid(region, scan), heat, 0.0)
@@ -405,7 +422,11 @@ class Searcher:
             if centre is not None:
                 found.append(Evidence(centre, 0.0, "report", name))
         # Where the report places a queried finding and the image agrees comes first: both support it.
-        ranked = sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
+        # For a CT query, the report's findings in the order the query scan resembles them.
+        if likeness:
+            ranked = sorted(found, key=lambda e: (e.source != "report", -likeness.get(e.finding, -np.inf), -e.score))
+        else:
+            ranked = sorted(found, key=lambda e: (not (e.source == "report" and e.finding in queried), -e.score))
         return ranked[:MAX_EVIDENCE]
 
     def finding_likeness(self, image_vector: np.ndarray, finding: str) -> float:
