@@ -15,6 +15,8 @@ scan itself says more, because their appearance is fixed by physics and anatomy:
   the deepest point of the soft tissue in the heart's part of the mediastinum.
 - **metal** (medical material): the densest voxels of the scan; metal outshines bone even where a
   thin wire is averaged with what surrounds it.
+- **node** (lymphadenopathy): an ovoid of soft tissue in the mediastinum's fat, the same filter on the
+  scan seen through a soft-tissue window (fat, contrast-filled vessels and air stay dark).
 - **nodule** and **mass**: bright blobs in the lungs, where a vessel is a tube: the Hessian "dot"
   filter (Li, Sone and Doi, Med. Phys. 2003) at a nodule's or a mass's scale.
 
@@ -42,6 +44,7 @@ APPEARANCES = {
     "Medical material": "metal",
     "Lung nodule": "nodule",
     "Lung mass": "mass",
+    "Lymphadenopathy": "node",
     "Cardiomegaly": "heart",
     "Pericardial effusion": "heart",
 }
@@ -58,6 +61,10 @@ CALCIUM_MAX_MM3 = 1000.0
 CHEST_WALL_MM = 40.0
 #: Gaussian scales (mm) of the blob filter: a nodule is up to 3 cm, a mass larger.
 BLOB_SCALES_MM = {"nodule": (2.0, 3.0), "mass": (6.0, 9.0)}
+#: A lymph node: soft tissue (HU, centre and spread of the window it is seen through), among fat,
+#: contrast-filled vessels and air that the window leaves dark, and its scales (mm).
+NODE_HU = (45.0, 45.0)
+NODE_SCALES_MM = (4.0, 6.0)
 #: A blob's centre is solid: denser than aerated or ground-glass lung.
 SOLID_HU = -300.0
 
@@ -77,6 +84,8 @@ def appearance_map(finding: str, volume: Volume, chest: Chest, side: str | None 
         return None
     if kind.endswith("calcium"):
         heat = _calcium(volume, chest, coronary=kind == "coronary calcium")
+    elif kind == "node":
+        heat = _nodes(volume, chest)
     elif kind == "heart":
         heat = _heart(volume, chest)
     elif kind == "metal":
@@ -118,6 +127,27 @@ def _calcium(volume: Volume, chest: Chest, coronary: bool) -> np.ndarray:
     preferred = [(p, score) for p, score in kept if heart[p] == coronary]
     for p, score in preferred or kept:
         out[p] = score
+    return out
+
+
+def _nodes(volume: Volume, chest: Chest) -> np.ndarray:
+    """The dot filter's strongest response, at ``NODE_SCALES_MM``, on the scan seen through a soft-tissue
+    window, at the mediastinum's soft-tissue voxels: a node is an ovoid among fat; a vessel is a tube and
+    the heart far larger."""
+    hu = volume.hu.astype(np.float32)
+    centre, spread = NODE_HU
+    soft = np.exp(-0.5 * ((np.clip(hu, -200, 400) - centre) / spread) ** 2).astype(np.float32)
+    inside = region_mask(chest, None, "mediastinum") & (hu > 0) & (hu < 120)
+    out = np.zeros(hu.shape, dtype=np.float32)
+    if not inside.any():
+        return out
+    where = np.nonzero(inside)
+    reach = [int(np.ceil(3 * max(NODE_SCALES_MM) / s)) for s in volume.spacing]
+    box = tuple(slice(max(0, int(w.min()) - r), int(w.max()) + r + 1) for w, r in zip(where, reach))
+    best = np.zeros(int(inside[box].sum()), dtype=np.float32)
+    for sigma_mm in NODE_SCALES_MM:
+        best = np.maximum(best, _dot(soft[box], volume.spacing, sigma_mm, inside[box]))
+    out[box][inside[box]] = best
     return out
 
 
