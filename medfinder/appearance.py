@@ -5,11 +5,11 @@ The image evidence map (``evidence.evidence_map``) follows what the model looked
 small for the model's input to keep (a calcified coronary, a 6 mm nodule, a sternotomy wire), the
 scan itself says more, because their appearance is fixed by physics and anatomy:
 
-- **calcium** (arterial wall and coronary calcification): small dense spots, 130 HU or more (Agatston's
-  threshold) and 150 HU brighter than what surrounds them (a white top-hat: a contrast-filled lumen
-  also passes 130 HU), in the mediastinum and at least ``CHEST_WALL_MM`` from the skin (so not the sternum, a
+- **calcium** (arterial wall and coronary calcification): small dense spots, 130 HU (Agatston's
+  threshold) above the blood pool (the heart chambers' own HU: a contrast-filled lumen passes 130 HU
+  too) and 150 HU brighter than what surrounds them (a white top-hat), in the mediastinum and at least ``CHEST_WALL_MM`` from the skin (so not the sternum, a
   costal cartilage or a rib). Each spot is scored as Agatston scores a lesion: its size times a density
-  factor of 1 to 4. Coronary calcium is looked for in the heart's part of the mediastinum (anterior,
+  factor of 1 to 4, of its peak above the blood pool. Coronary calcium is looked for in the heart's part of the mediastinum (anterior,
   below the lungs' mid height), arterial calcium in the rest (the arch, the descending aorta).
 - **heart** (cardiomegaly, pericardial effusion): a finding of the whole heart is shown at its centre,
   the deepest point of the soft tissue in the heart's part of the mediastinum.
@@ -110,7 +110,10 @@ def _calcium(volume: Volume, chest: Chest, coronary: bool) -> np.ndarray:
     # opening's window and stays.
     reach = [2 * max(1, round(PLAQUE_MM / s)) + 1 for s in volume.spacing]
     brighter = hu - ndimage.grey_opening(hu, size=reach)
-    spots, count = ndimage.label((hu >= CALCIUM_HU) & (brighter >= PLAQUE_CONTRAST_HU))
+    # On a contrast scan the blood itself passes 130 HU: a plaque is measured from the blood pool.
+    blood = max(0.0, _blood_pool_hu(volume, chest))
+    threshold = blood + CALCIUM_HU
+    spots, count = ndimage.label((hu >= threshold) & (brighter >= PLAQUE_CONTRAST_HU))
     out = np.zeros(hu.shape, dtype=np.float32)
     if not count:
         return out
@@ -122,7 +125,7 @@ def _calcium(volume: Volume, chest: Chest, coronary: bool) -> np.ndarray:
     depth = ndimage.distance_transform_edt(chest.body, sampling=volume.spacing)
     mediastinum = region_mask(chest, None, "mediastinum") & (depth >= CHEST_WALL_MM) & level_band(chest, "all")
     heart = _heart_part(chest)
-    kept = [(tuple(p), s * np.searchsorted(AGATSTON_STEPS, h, side="right"))
+    kept = [(tuple(p), s * np.searchsorted(AGATSTON_STEPS, h - blood, side="right"))
             for p, s, h in zip(peaks, size_mm3, peak_hu) if s <= CALCIUM_MAX_MM3 and mediastinum[tuple(p)]]
     preferred = [(p, score) for p, score in kept if heart[p] == coronary]
     for p, score in preferred or kept:
@@ -149,6 +152,15 @@ def _nodes(volume: Volume, chest: Chest) -> np.ndarray:
         best = np.maximum(best, _dot(soft[box], volume.spacing, sigma_mm, inside[box]))
     out[box][inside[box]] = best
     return out
+
+
+def _blood_pool_hu(volume: Volume, chest: Chest) -> float:
+    """The heart chambers' median HU (the deeper half of the heart's soft tissue): about 40 without
+    contrast, 150 to 400 with it; -inf when the scan shows no heart."""
+    depth = _heart(volume, chest)
+    if not depth.any():
+        return -np.inf
+    return float(np.median(volume.hu[depth >= depth.max() / 2]))
 
 
 def _heart(volume: Volume, chest: Chest) -> np.ndarray:
