@@ -7,10 +7,11 @@ scan itself says more, because their appearance is fixed by physics and anatomy:
 
 - **calcium** (arterial wall and coronary calcification): small dense spots, 130 HU (Agatston's
   threshold) above the blood pool (the heart chambers' own HU: a contrast-filled lumen passes 130 HU
-  too) and 150 HU brighter than what surrounds them (a white top-hat), in the mediastinum and at least ``CHEST_WALL_MM`` from the skin (so not the sternum, a
-  costal cartilage or a rib). Each spot is scored as Agatston scores a lesion: its size times a density
-  factor of 1 to 4, of its peak above the blood pool. Coronary calcium is looked for in the heart's part of the mediastinum (anterior,
-  below the lungs' mid height), arterial calcium in the rest (the arch, the descending aorta).
+  too) and 150 HU brighter than what surrounds them (a white top-hat), in the mediastinum and at least
+  ``CHEST_WALL_MM`` from the skin (so not the sternum, a costal cartilage or a rib). Each spot is scored
+  as Agatston scores a lesion: its size times a density factor of 1 to 4, of its peak above the blood
+  pool. Coronary calcium is looked for in the heart's part of the mediastinum (anterior, below the
+  lungs' mid height), arterial calcium in the rest (the arch, the descending aorta).
 - **heart** (cardiomegaly, pericardial effusion): a finding of the whole heart is shown at its centre,
   the deepest point of the soft tissue in the heart's part of the mediastinum.
 - **metal** (medical material): the densest voxels of the scan; metal outshines bone even where a
@@ -23,8 +24,9 @@ scan itself says more, because their appearance is fixed by physics and anatomy:
 ``appearance_map`` gives a map over the scan's voxels (0 where the finding cannot be) for a finding
 with a known appearance, restricted to the side its report gives when anything there looks like it,
 and None for the others. A lobe is not narrowed to a third of the lungs' height, as the model's
-evidence is: an upper-lobe nodule often lies at mid height. Measured against the phantoms' boxes by ``benchmarks/evidence.py``.
-It points the eye; it is not a detector, and it never says that a finding is present.
+evidence is: an upper-lobe nodule often lies at mid height. Measured against the phantoms' boxes by
+``benchmarks/evidence.py``. It points the eye; it is not a detector, and it never says that a finding
+is present.
 """
 
 from __future__ import annotations
