@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .evidence import Chest, level_band, region_mask, side_half
+from .evidence import Chest, fill_each_slice, level_band, side_half
 from .io.volume import Volume
 
 __all__ = ["APPEARANCES", "appearance_map"]
@@ -93,11 +93,10 @@ def appearance_map(finding: str, volume: Volume, chest: Chest, side: str | None 
     elif kind == "metal":
         heat = np.where(chest.body, np.clip(volume.hu.astype(np.float32) - CALCIUM_HU, 0, None), 0.0)
     else:
-        heat = _blobs(volume, _within_lungs(chest), BLOB_SCALES_MM[kind])
-    where = np.ones(heat.shape, dtype=bool)
-    if side in ("right", "left"):
-        where &= side_half(chest, side)
-    placed = np.where(where, heat, 0.0)
+        heat = _blobs(volume, fill_each_slice(chest.lungs), BLOB_SCALES_MM[kind])
+    if side not in ("right", "left"):
+        return heat
+    placed = np.where(side_half(chest, side), heat, 0.0)
     # A report's side narrows the search; where nothing there looks like the finding, the side is
     # likelier misread than the finding absent.
     return placed if placed.max() > 0 else heat
@@ -125,7 +124,7 @@ def _calcium(volume: Volume, chest: Chest, coronary: bool) -> np.ndarray:
     peaks = ndimage.maximum_position(hu, spots, index)
     peak_hu = ndimage.maximum(hu, spots, index)
     depth = ndimage.distance_transform_edt(chest.body, sampling=volume.spacing)
-    mediastinum = region_mask(chest, None, "mediastinum") & (depth >= CHEST_WALL_MM) & level_band(chest, "all")
+    mediastinum = chest.mediastinum & (depth >= CHEST_WALL_MM) & level_band(chest, "all")
     heart = _heart_part(chest)
     kept = [(tuple(p), s * np.searchsorted(AGATSTON_STEPS, h - blood, side="right"))
             for p, s, h in zip(peaks, size_mm3, peak_hu) if s <= CALCIUM_MAX_MM3 and mediastinum[tuple(p)]]
@@ -142,18 +141,7 @@ def _nodes(volume: Volume, chest: Chest) -> np.ndarray:
     hu = volume.hu.astype(np.float32)
     centre, spread = NODE_HU
     soft = np.exp(-0.5 * ((np.clip(hu, -200, 400) - centre) / spread) ** 2).astype(np.float32)
-    inside = region_mask(chest, None, "mediastinum") & (hu > 0) & (hu < 120)
-    out = np.zeros(hu.shape, dtype=np.float32)
-    if not inside.any():
-        return out
-    where = np.nonzero(inside)
-    reach = [int(np.ceil(3 * max(NODE_SCALES_MM) / s)) for s in volume.spacing]
-    box = tuple(slice(max(0, int(w.min()) - r), int(w.max()) + r + 1) for w, r in zip(where, reach))
-    best = np.zeros(int(inside[box].sum()), dtype=np.float32)
-    for sigma_mm in NODE_SCALES_MM:
-        best = np.maximum(best, _dot(soft[box], volume.spacing, sigma_mm, inside[box]))
-    out[box][inside[box]] = best
-    return out
+    return _strongest_dot(soft, volume.spacing, chest.mediastinum & (hu > 0) & (hu < 120), NODE_SCALES_MM)
 
 
 def _blood_pool_hu(volume: Volume, chest: Chest) -> float:
@@ -168,7 +156,7 @@ def _blood_pool_hu(volume: Volume, chest: Chest) -> float:
 def _heart(volume: Volume, chest: Chest) -> np.ndarray:
     """Depth inside the soft tissue of the heart's part of the mediastinum: deepest at the heart's
     centre, where a finding of the whole heart (its size, fluid around it) is best shown."""
-    soft = region_mask(chest, None, "mediastinum") & _heart_part(chest) & (volume.hu > -50) & (volume.hu < 300)
+    soft = chest.mediastinum & _heart_part(chest) & (volume.hu > -50) & (volume.hu < 300)
     if not soft.any():
         return np.zeros(volume.shape, dtype=np.float32)
     return ndimage.distance_transform_edt(soft, sampling=volume.spacing).astype(np.float32)
@@ -187,31 +175,29 @@ def _heart_part(chest: Chest) -> np.ndarray:
     return front[None, :, None] & low[None, None, :] & np.ones(shape, dtype=bool)
 
 
-def _within_lungs(chest: Chest) -> np.ndarray:
-    """The lungs with what they enclose on each axial slice (a nodule, a vessel, a mass in aerated lung),
-    not the spine or the chest wall beside them."""
-    out = np.zeros(chest.lungs.shape, dtype=bool)
-    for z in np.nonzero(chest.lungs.any(axis=(0, 1)))[0]:
-        out[:, :, z] = ndimage.binary_fill_holes(chest.lungs[:, :, z])
-    return out
-
-
 def _blobs(volume: Volume, lungs: np.ndarray, scales_mm: tuple[float, ...]) -> np.ndarray:
     """The dot filter's strongest response over ``scales_mm``, at solid voxels of ``lungs``."""
-    out = np.zeros(volume.shape, dtype=np.float32)
-    candidates = lungs & (volume.hu > SOLID_HU)
-    if not candidates.any():
+    hu = np.clip(volume.hu, -1000, 100).astype(np.float32)  # brighter than tissue is not rounder
+    return _strongest_dot(hu, volume.spacing, lungs & (volume.hu > SOLID_HU), scales_mm, around=lungs)
+
+
+def _strongest_dot(image: np.ndarray, spacing: tuple[float, ...], inside: np.ndarray,
+                   scales_mm: tuple[float, ...], around: np.ndarray | None = None) -> np.ndarray:
+    """The dot filter's strongest response over ``scales_mm`` at the ``inside`` voxels, 0 elsewhere.
+
+    Only the bounding box of ``around`` (default ``inside``), grown by the largest kernel, is filtered:
+    the lungs are a third of the scan.
+    """
+    out = np.zeros(image.shape, dtype=np.float32)
+    if not inside.any():
         return out
-    # Only the lungs' bounding box, grown by the largest kernel, is filtered: a third of the scan.
-    reach = [int(np.ceil(3 * max(scales_mm) / s)) for s in volume.spacing]
-    where = np.nonzero(lungs)
+    reach = [int(np.ceil(3 * max(scales_mm) / s)) for s in spacing]
+    where = np.nonzero(inside if around is None else around)
     box = tuple(slice(max(0, int(w.min()) - r), int(w.max()) + r + 1) for w, r in zip(where, reach))
-    hu = np.clip(volume.hu[box], -1000, 100).astype(np.float32)  # brighter than tissue is not rounder
-    inside = candidates[box]
-    best = np.zeros(int(inside.sum()), dtype=np.float32)
+    best = np.zeros(int(inside[box].sum()), dtype=np.float32)
     for sigma_mm in scales_mm:
-        best = np.maximum(best, _dot(hu, volume.spacing, sigma_mm, inside))
-    out[box][inside] = best
+        best = np.maximum(best, _dot(image[box], spacing, sigma_mm, inside[box]))
+    out[box][inside[box]] = best
     return out
 
 

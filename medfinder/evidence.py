@@ -23,6 +23,7 @@ selected case), one forward and one backward pass per case.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -233,9 +234,7 @@ class Chest:
     def of(cls, volume: Volume) -> "Chest":
         hu = volume.hu
         solid = hu > -500
-        body = np.zeros(hu.shape, dtype=bool)
-        for z in range(hu.shape[2]):
-            body[:, :, z] = ndimage.binary_fill_holes(solid[:, :, z])
+        body = fill_each_slice(solid)
         lungs = body & (hu < -400)
         reach = [max(1, round(PLEURA_MM / s)) for s in volume.spacing]
         grown = ndimage.maximum_filter(lungs, size=[2 * r + 1 for r in reach]) & body
@@ -243,13 +242,29 @@ class Chest:
         middle = (xs.min() + xs.max()) / 2 if xs.size else hu.shape[0] / 2
         return cls(body, lungs, grown, float(middle))
 
+    @cached_property
+    def mediastinum(self) -> np.ndarray:
+        """The soft tissue between the lungs (``region_mask(chest, None, "mediastinum")``), made once per
+        scan: report evidence and several findings' looks ask for it. Read-only."""
+        mask = _mediastinum(self)
+        mask.flags.writeable = False
+        return mask
+
+
+def fill_each_slice(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with what it encloses on each axial slice filled in."""
+    out = np.zeros(mask.shape, dtype=bool)
+    for z in np.nonzero(mask.any(axis=(0, 1)))[0]:
+        out[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return out
+
 
 def region_mask(chest: Chest, side: str | None, level: str | None) -> np.ndarray:
     """Voxels in that part of the chest: the lungs grown by ``PLEURA_MM`` (so the pleural space and dense
     lung, an effusion, a collapse, a mass, are in), on the patient's ``side``, in the upper, middle or
     lower third of the lungs' height; or the mediastinum. Empty when the scan shows no lung there."""
     if level == "mediastinum":
-        return _mediastinum(chest)
+        return chest.mediastinum.copy()
     grown = chest.grown.copy()
     if side:
         grown &= side_half(chest, side)
