@@ -1,11 +1,11 @@
 """Time to embed one demo-size CT (about 160x160x128 at 2.2 mm), preprocessing included.
 
-python benchmarks/encode_speed.py [--model DIR | --config NAME] [--repeats N] [--threads T]
+python benchmarks/encode_speed.py [--model DIR | --config NAME] [--image CT] [--repeats N] [--threads T]
 
 Prints JSON: median and 90th-percentile seconds for preprocessing, encoding and both (a query
 scan), and for encoding with the model's test-time views (a scan being indexed; only when the
 model has views), on a phantom chest CT when medfinder.phantoms is available, else on a
-synthetic body-like volume.
+synthetic body-like volume; ``--image`` times a CT of your own instead (a file or a DICOM folder).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--config", default="medfinder-demo")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--image", type=Path, help="a CT to time instead of the phantom")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -55,7 +56,12 @@ def main() -> None:
         preprocessor = model.make_preprocessor()
     else:
         model, preprocessor = create_model_and_transforms(args.config)
-    volume, kind = demo_volume()
+    if args.image:
+        from medfinder.io import load_volume
+
+        volume, kind = load_volume(args.image), args.image.name
+    else:
+        volume, kind = demo_volume()
     for _ in range(3):  # warm-up: first calls allocate and pick kernels
         model.encode_image(preprocessor(volume))
     views = model.test_time_augmentation.views
@@ -79,9 +85,9 @@ def main() -> None:
         return {"median_s": round(statistics.median(values), 4), "p90_s": round(ordered[int(0.9 * (len(ordered) - 1))], 4)}
 
     print(json.dumps({
-        "model": model.config["name"],
+        "model": model.config.name,
         "volume": {"kind": kind, "shape": list(volume.hu.shape), "spacing_mm": list(volume.spacing)},
-        "input": [model.preprocess_config.in_channels, *model.preprocess_config.shape],
+        "input": list(preprocessor(volume).shape),  # the model's shape, or the scan's own extent within it
         "threads": args.threads,
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,

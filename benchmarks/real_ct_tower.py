@@ -3,6 +3,7 @@
     python benchmarks/real_ct_tower.py                         # chosen size, demo tower beside it
     python benchmarks/real_ct_tower.py --sizes full chosen     # agreement of the chosen size with Merlin's full size
     python benchmarks/real_ct_tower.py --sizes full --pooling  # poolings of the last feature map (body-masked, GeM, max)
+    python benchmarks/real_ct_tower.py --sizes full padded     # each scan at its own extent against Merlin's padded input
 
 Real scans: the abdomen CT crop and the DICOM series of tests/data (also ../shared/data/ct). From each
 scan S it makes partners a tower must match to S (or to each other), as the same patient's other scan:
@@ -18,7 +19,8 @@ are left out of its ranking); the cosine between S
 and each copy measures invariance. Both towers: the real-CT tower (``ct-i3resnet152``) and the demo
 tower (``assets/model``, trained on phantoms). ``--sizes`` adds the input sizes to compare: the
 embedding of each scan at a size against the one at Merlin's full size (cosine) and the rank agreement
-of their similarity matrices, with the encode time per scan. ``retrieval_centred`` repeats the
+of their similarity matrices, with the encode time per scan; ``padded`` is Merlin's own input, every scan
+padded with air to the full size, which the tower's average then partly describes. ``retrieval_centred`` repeats the
 retrieval after subtracting the corpus's mean vector: a pooled ReLU map puts every scan within a few
 degrees of every other, so centring is the obvious candidate; it is measured here and, as it has not
 changed a rank-1, not stored in indexes (docs/evaluation.md).
@@ -46,11 +48,14 @@ from medfinder.phantoms import generate_case  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = {"abdomen_crop": REPO / "tests/data/abdomen_ct_crop.nii.gz", "abdomen_dicom": REPO / "tests/data/abdomen_ct_dicom"}
-#: Input grids of the real-CT tower: Merlin's full size, and the cheaper sizes compared with it.
+#: Inputs of the real-CT tower: Merlin's full size, the cheaper sizes compared with it (each scan keeps
+#: its own extent up to that size, as the bundled config does), and Merlin's own input, every scan padded
+#: with air to 224 x 224 x 160 (the bundled config's until stop 37).
 SIZES = {
-    "full": ((1.5, 1.5, 3.0), (224, 224, 160)),
-    "mid": ((2.1, 2.1, 4.3), (160, 160, 112)),
-    "half": ((3.0, 3.0, 6.0), (112, 112, 80)),
+    "full": ((1.5, 1.5, 3.0), (224, 224, 160), False),
+    "mid": ((2.1, 2.1, 4.3), (160, 160, 112), False),
+    "half": ((3.0, 3.0, 6.0), (112, 112, 80), False),
+    "padded": ((1.5, 1.5, 3.0), (224, 224, 160), True),
     "chosen": None,  # the bundled ct-i3resnet152 config's
 }
 
@@ -135,9 +140,13 @@ def retrieval(names: list[str], vectors: np.ndarray, pairs: list[tuple[str, str,
             if i != p and name.split("/")[0] == patient:
                 row[i] = -np.inf  # the query itself and its other copies are not results
         rank = int((row > row[p]).sum()) + 1
+        best_other = int(np.argmax(np.where(np.arange(len(row)) == p, -np.inf, row)))
         out.append({"query": query, "partner": partner, "kind": kind, "rank": rank,
-                    "cosine": round(float(sims[q, p]), 4), "best_other": names[int(np.argmax(np.where(np.arange(len(row)) == p, -np.inf, row)))]})
-    return {"rank1": round(sum(r["rank"] == 1 for r in out) / len(out), 3), "pairs": out}
+                    "cosine": round(float(sims[q, p]), 4), "best_other": names[best_other],
+                    "margin": round(float(sims[q, p] - row[best_other]), 4)})
+    # margin: the partner's cosine less the best other patient's; the smallest says how near a miss is.
+    return {"rank1": round(sum(r["rank"] == 1 for r in out) / len(out), 3),
+            "min_margin": min(r["margin"] for r in out), "pairs": out}
 
 
 def invariance(names: list[str], vectors: np.ndarray) -> dict:
@@ -156,16 +165,17 @@ def invariance(names: list[str], vectors: np.ndarray) -> dict:
 def tower_at(size: str) -> tuple[MedFinder, object, dict]:
     config = load_config("ct-i3resnet152")
     if SIZES.get(size) is not None:
-        spacing, shape = SIZES[size]
-        config = config.replace(preprocess=replace(config.preprocess, spacing=spacing, shape=shape))
+        spacing, shape, padded = SIZES[size]
+        config = config.replace(preprocess=replace(config.preprocess, spacing=spacing, shape=shape, pad_to_shape=padded))
     model, preprocessor = create_model_and_transforms(config)
     pp = config.preprocess
-    return model, preprocessor, {"spacing_mm": list(pp.spacing), "shape": list(pp.shape)}
+    return model, preprocessor, {"spacing_mm": list(pp.spacing), "shape": list(pp.shape), "padded": pp.pad_to_shape}
 
 
-#: ``--pooling``: poolings of the tower's last feature map compared with its own global average. A short
-#: or cropped scan fills part of the 224 x 224 x 160 field of view, the rest is padding read as air; the
-#: body-masked variants average only the positions over the body (HU above -500).
+#: ``--pooling``: poolings of the tower's last feature map compared with its own global average. On a
+#: padded input (``--sizes padded --pooling``) a short or cropped scan fills part of the 224 x 224 x 160
+#: field of view, the rest is air; the body-masked variants average only the positions over the body
+#: (HU above -500).
 BODY_HU = -500.0
 
 
@@ -254,7 +264,7 @@ def main() -> int:
     if args.pooling:
         model, pp, grid = tower_at(first)
         result[f"pooling_{first}"] = {
-            name: {"rank1": (r := retrieval(names, vectors, pairs))["rank1"],
+            name: {"rank1": (r := retrieval(names, vectors, pairs))["rank1"], "min_margin": r["min_margin"],
                    "misses": [{"query": p["query"], "rank": p["rank"]} for p in r["pairs"] if p["rank"] > 1]}
             for name, vectors in pooling_variants(model, pp, items).items()}
         del model

@@ -78,6 +78,33 @@ def test_config_round_trip_and_presets():
         get_preset("nope")
 
 
+def test_an_unpadded_preprocessing_keeps_a_small_scans_extent_and_crops_a_large_one():
+    """``pad_to_shape: false`` (the real-CT tower's): no air is added around a scan smaller than the
+    model's shape, so a pooled tower describes the scan; a larger scan is still centre-cropped to it."""
+    from dataclasses import replace
+
+    unpadded = PreprocessConfig(name="unpadded", spacing=(2.0, 2.0, 2.0), shape=(40, 40, 24), crop_foreground=False,
+                                pad_to_shape=False)
+    def body(shape: tuple[int, int, int]) -> np.ndarray:
+        hu = np.full(shape, -1000, np.int16)
+        hu[4:-4, 4:-4] = 0  # water inside, air at the sides
+        return hu
+
+    small = volume_from_array(body((30, 26, 10)), np.diag([2.0, 2.0, 2.0, 1.0]), source="small")
+    large = volume_from_array(body((50, 60, 30)), np.diag([2.0, 2.0, 2.0, 1.0]), source="large")
+    x = Preprocessor(unpadded)(small)
+    assert tuple(x.shape) == (1, 30, 26, 10) and float((x == 0.5).float().mean()) > 0.5
+    assert tuple(Preprocessor(unpadded)(large).shape) == (1, 40, 40, 24)
+    padded = Preprocessor(replace(unpadded, pad_to_shape=True))(small)
+    assert tuple(padded.shape) == (1, 40, 40, 24) and float((padded == 0.5).float().mean()) < 0.2  # mostly air
+    # The model's grid still maps back to the scan's millimetres, for evidence and the viewer.
+    _, affine = Preprocessor(unpadded).with_affine(small)
+    assert np.allclose(affine[:3, 3], 0.0)
+    # Saved only when off: configs written before the field existed keep their fingerprints.
+    assert "pad_to_shape" not in PRESETS["merlin"].to_dict()
+    assert PreprocessConfig.from_dict(unpadded.to_dict()) == unpadded
+
+
 def test_real_ct_through_demo_preset(ct_nifti):
     cfg = get_preset("medfinder-demo")
     x = Preprocessor(cfg)(load_volume(ct_nifti))

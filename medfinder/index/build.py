@@ -134,11 +134,15 @@ def prepare_case(case: ManifestCase, preprocessor: Preprocessor, load: ScanLoade
 def encode_cases(model: Any, items: list[dict[str, Any]]) -> list[CaseEntry]:
     """The index entries of a batch of prepared cases (none of them failed): every vector the model serves."""
     vectors: list[dict[str, np.ndarray]] = [{} for _ in items]
-    with_image = [i for i, item in enumerate(items) if item["image"] is not None]
-    if with_image:
-        stacked = torch.from_numpy(np.stack([items[i]["image"] for i in with_image]))
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        if item["image"] is not None:
+            # One stack per shape: a preprocessing that keeps each scan's own extent gives several.
+            by_shape.setdefault(item["image"].shape, []).append(i)
+    for indices in by_shape.values():
+        stacked = torch.from_numpy(np.stack([items[i]["image"] for i in indices]))
         images = model.encode_image(stacked, test_time_augmentation=True).numpy()  # the model's views, if it has any
-        for row, i in enumerate(with_image):
+        for row, i in enumerate(indices):
             vectors[i]["image"] = images[row]
     with_report = [i for i, item in enumerate(items) if item["record"].report]
     if with_report:

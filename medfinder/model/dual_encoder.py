@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -233,9 +233,10 @@ class MedFinder(nn.Module):
             return self.embed_image(images)
         return F.normalize(self.image(images).float(), dim=-1)
 
-    def encode_image(self, images: torch.Tensor, batch_size: int | None = None, test_time_augmentation: bool = False
-                     ) -> torch.Tensor:
-        """(B, D) L2-normalised embeddings of preprocessed volumes (B, C, x, y, z).
+    def encode_image(self, images: torch.Tensor | Sequence[torch.Tensor], batch_size: int | None = None,
+                     test_time_augmentation: bool = False) -> torch.Tensor:
+        """(B, D) L2-normalised embeddings of preprocessed volumes (B, C, x, y, z), or of a list of
+        (C, x, y, z) volumes of different shapes (each scan at its own extent), encoded one by one.
 
         ``batch_size``: volumes per forward pass; by default one on a CPU and 8 on a GPU. On a CPU a
         batch buys no speed (the convolutions already use every core on one volume) and multiplies the
@@ -245,6 +246,9 @@ class MedFinder(nn.Module):
         mean of the volume's own and its config's fixed augmented views, renormalised, at
         ``views + 1`` times the cost; a query scan is encoded without it, fast.
         """
+        if not isinstance(images, torch.Tensor):
+            vectors = [self.encode_image(x, batch_size, test_time_augmentation) for x in images]
+            return torch.cat(vectors) if vectors else torch.empty(0, self.image_embed_dim)
         if batch_size is None:
             batch_size = 1 if self.device.type == "cpu" else 8
         if images.ndim == 4:

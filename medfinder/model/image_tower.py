@@ -175,6 +175,9 @@ def _renormalise(net: nn.Module, norm: str | tuple) -> None:
 def _monai_vit(config: ImageTowerConfig, preprocess: PreprocessConfig, in_channels: int) -> nn.Module:
     from monai.networks.nets import ViT
 
+    if not preprocess.pad_to_shape:
+        raise ModelError("A ViT image tower embeds patches of a fixed grid, so its preprocessing must pad every "
+                         "scan to its shape; set pad_to_shape to true or use a CNN backbone.")
     try:
         import einops  # noqa: F401  (MONAI's attention blocks need it)
     except ImportError:

@@ -195,22 +195,35 @@ def collate_for_pipe(items: list[dict[str, Any] | None]) -> dict[str, Any] | Non
     /dev/shm is not needed; ``batch_from_pipe`` turns the arrays back into tensors.
     """
     batch = collate_cases(items)
-    return None if batch is None else {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if batch is None:
+        return None
+    if isinstance(batch["image"], list):
+        batch["image"] = [x.numpy() for x in batch["image"]]
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def batch_from_pipe(batch: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if batch is None else {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if batch is None:
+        return None
+    if isinstance(batch["image"], list):
+        batch["image"] = [torch.from_numpy(x) for x in batch["image"]]
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def collate_cases(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Stack the usable cases of a batch; ``None`` when none of them loaded."""
+    """Stack the usable cases of a batch; ``None`` when none of them loaded.
+
+    Volumes of different shapes (a preprocessing that keeps each scan's own extent) stay a list:
+    padding them to one shape would feed the tower air that the index's vectors never saw.
+    """
     items = [item for item in items if item is not None]
     if not items:
         return None
+    images = [item["image"] for item in items]
     return {
         "index": torch.tensor([item["index"] for item in items]),
         "case_id": [item["case_id"] for item in items],
-        "image": torch.stack([item["image"] for item in items]),
+        "image": torch.stack(images) if len({tuple(x.shape) for x in images}) == 1 else images,
         "report": [item["report"] for item in items],
         "labels": torch.stack([item["labels"] for item in items]),
         "label_mask": torch.stack([item["label_mask"] for item in items]),

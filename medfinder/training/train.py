@@ -156,7 +156,7 @@ def validation_label_auc(model: MedFinder, label_head: nn.Module, dataset: CaseD
             batch = collate_cases([dataset[i] for i in indices[start : start + batch_size]])
             if batch is None:
                 continue
-            scores.append(label_head(model.image(batch["image"].to(model.device).float())).float().cpu())
+            scores.append(label_head(tower_features(model, batch["image"], model.device)).float().cpu())
             labels.append(batch["labels"])
             masks.append(batch["label_mask"])
     model.train(was_training)
@@ -246,14 +246,26 @@ def feature_bank(model: MedFinder, dataset: CaseDataset, indices: Sequence[int],
             chunks = []
             for start in range(0, len(indices), settings.batch_size):
                 batch = collate_cases([dataset[i] for i in indices[start : start + settings.batch_size]])
-                images = batch["image"].to(device).float()
-                if view > 0:
-                    # On a CPU an augmented view takes 2.2-2.5x as long as view 0: the affine
-                    # resampling costs more than the tower's forward pass (measured in stop 20).
-                    images = augment_volumes(images, settings, generator)
-                chunks.append(model.image(images).float())
+                # On a CPU an augmented view takes 2.2-2.5x as long as view 0: the affine
+                # resampling costs more than the tower's forward pass (measured in stop 20).
+                augment = (lambda images: augment_volumes(images, settings, generator)) if view > 0 else None
+                chunks.append(tower_features(model, batch["image"], device, augment).float())
             views.append(torch.cat(chunks))
     return torch.stack(views)
+
+
+def tower_features(model: MedFinder, images: torch.Tensor | list[torch.Tensor], device: torch.device,
+                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, tower dim) image-tower features of a collated batch, each volume augmented by ``augment`` if given.
+
+    A batch of volumes of different shapes (each scan at its own extent) is a list: one pass per volume.
+    """
+    volumes = [images] if isinstance(images, torch.Tensor) else [x.unsqueeze(0) for x in images]
+    features = []
+    for volume in volumes:
+        volume = volume.to(device, non_blocking=True).float()
+        features.append(model.image(augment(volume) if augment is not None else volume))
+    return torch.cat(features)
 
 
 def _feature_batches(n: int, batch_size: int, views: int, generator: torch.Generator) -> list[tuple[list[int], torch.Tensor]]:
@@ -319,12 +331,12 @@ class _Step(nn.Module):
             n_views = 1
             features = [bank[batch["view"].to(device), torch.tensor(batch["positions"], device=device)]]
         else:
-            images = batch["image"].to(device, non_blocking=True).float()
             n_views = 2 if settings.view_weight > 0 else 1
-            if settings.augment:
-                features = [model.image(augment_volumes(images, settings, augment_generator)) for _ in range(n_views)]
-            else:
-                features = [model.image(images) for _ in range(n_views)]
+            images = batch["image"]  # moved once, for every view
+            images = (images.to(device, non_blocking=True).float() if isinstance(images, torch.Tensor)
+                      else [x.to(device, non_blocking=True).float() for x in images])
+            augment = (lambda images: augment_volumes(images, settings, augment_generator)) if settings.augment else None
+            features = [tower_features(model, images, device, augment) for _ in range(n_views)]
         views = [model.embed_image_features(f, track_centres) for f in features]
         loss = torch.zeros((), device=device)
         if settings.contrastive_weight > 0:

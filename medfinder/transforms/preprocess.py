@@ -43,6 +43,10 @@ class PreprocessConfig:
     and clipped, so a lung window and a mediastinal window can feed the encoder side by side.
     ``shape`` is the model input in RAS axis order (x, y, z) after resampling to ``spacing``
     mm; the body is cropped first, then centred and padded (with air) or cropped to shape.
+    With ``pad_to_shape`` off, ``shape`` is only the largest input: a smaller scan keeps its own
+    size, so a tower that averages its last feature map averages the scan and not the air added
+    around it (on real CT a patient's own crops then beat other patients' scans by margins six to a
+    hundred times wider; docs/evaluation.md). Inputs then differ in shape and are batched only by equal shape.
 
     Windows listed in ``peak_windows`` are read from a copy of the volume in which every voxel
     holds the maximum of its neighbourhood, as wide as one model voxel, before resampling. A
@@ -57,6 +61,7 @@ class PreprocessConfig:
     crop_foreground: bool = True
     interpolation: str = "bilinear"
     peak_windows: tuple[int, ...] = ()
+    pad_to_shape: bool = True
 
     def __post_init__(self) -> None:
         outside = [i for i in self.peak_windows if not 0 <= i < len(self.windows)]
@@ -73,6 +78,8 @@ class PreprocessConfig:
         # so fingerprints) exactly as it did: indexes built with that model still open.
         if not self.peak_windows:
             del data["peak_windows"]
+        if self.pad_to_shape:
+            del data["pad_to_shape"]
         return data
 
     @classmethod
@@ -85,6 +92,7 @@ class PreprocessConfig:
             crop_foreground=bool(data.get("crop_foreground", True)),
             interpolation=str(data.get("interpolation", "bilinear")),
             peak_windows=tuple(int(i) for i in data.get("peak_windows", ())),
+            pad_to_shape=bool(data.get("pad_to_shape", True)),
         )
 
 
@@ -154,7 +162,8 @@ def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), revers
             )
         )
     # Pad with air, not zero (0 HU is water), then centre-crop to the model shape.
-    steps.append(SpatialPadd(keys=keys, spatial_size=config.shape, value=-1024.0))
+    if config.pad_to_shape:
+        steps.append(SpatialPadd(keys=keys, spatial_size=config.shape, value=-1024.0))
     steps.append(CenterSpatialCropd(keys=keys, roi_size=config.shape))
     steps.extend(extra)
     channel_keys = []
@@ -164,7 +173,8 @@ def build_transforms(config: PreprocessConfig, extra: Sequence[Any] = (), revers
         steps.append(CopyItemsd(keys="peak" if i in config.peak_windows else "image", names=key))
         steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     steps.append(ConcatItemsd(keys=channel_keys, name="image", dim=0))
-    steps.append(ResizeWithPadOrCropd(keys="image", spatial_size=config.shape))
+    if config.pad_to_shape:
+        steps.append(ResizeWithPadOrCropd(keys="image", spatial_size=config.shape))
     steps.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
