@@ -441,11 +441,16 @@ def test_cli_writes_findings_jsonl(tmp_path: Path) -> None:
 # ---- golden values: the package split (and any refactor) must paint the same cases --------------
 #: sha256 of ``hu.tobytes()`` and of the report of two demo-size cases with many findings, computed with
 #: the single-file generator before it became a package. A change here is a change of the corpus.
+#: Case 51's volume has two recorded digests: the machines it was recorded on, and an AMD EPYC without
+#: AVX-512 (stop 37), with the same code and the same numpy and scipy (2.4.5-2.4.6 and 2.3.5; 1.16.3-1.17.1
+#: all give the second). Some float64 kernel rounds differently on the two CPUs and moves a voxel's rounded HU;
+#: a change of the painter gives neither.
 GOLDEN = {
-    (0, 38): ("fd4d1d4b1a120fc59d006ce69595589bed081e8550cc32d03a8e8c0a875c0902",
+    (0, 38): ({"fd4d1d4b1a120fc59d006ce69595589bed081e8550cc32d03a8e8c0a875c0902"},
               "7f4ebd0156f52233ab3db4554a9cf17132fa677acfff714c278c4312446c1042",
               "CLINICAL INFORMATION: 69-year-old female, fever and productive cough."),
-    (0, 51): ("419509f5359640c238e0e42fa47ab96e02cc8a920f141a7d172b1638ab8c9f00",
+    (0, 51): ({"419509f5359640c238e0e42fa47ab96e02cc8a920f141a7d172b1638ab8c9f00",
+               "17b35bacadcf86649dd4a7ba13d00e0c3f9d46f0df8c0eebcbd7a8b3d06900e7"},
               "b2adaab128aeb1262ad5f6c57d9d7edda181cfa34387582c10b5011354b5d81d",
               "History: 73-year-old male, orthopnoea."),
 }
@@ -453,9 +458,9 @@ GOLDEN = {
 
 @pytest.mark.parametrize("seed,index", sorted(GOLDEN))
 def test_golden_cases_are_painted_and_reported_exactly_as_before(seed: int, index: int) -> None:
-    hu_sha, report_sha, first_line = GOLDEN[(seed, index)]
+    hu_shas, report_sha, first_line = GOLDEN[(seed, index)]
     case = P.generate_case(seed, index)
     assert case.volume.hu.shape == P.DEMO_SHAPE
     assert case.report.splitlines()[0] == first_line
     assert hashlib.sha256(case.report.encode("utf-8")).hexdigest() == report_sha
-    assert hashlib.sha256(case.volume.hu.tobytes()).hexdigest() == hu_sha
+    assert hashlib.sha256(case.volume.hu.tobytes()).hexdigest() in hu_shas
