@@ -87,7 +87,7 @@ def main() -> None:
     print(json.dumps({
         "model": model.config.name,
         "volume": {"kind": kind, "shape": list(volume.hu.shape), "spacing_mm": list(volume.spacing)},
-        "input": list(preprocessor(volume).shape),  # the model's shape, or the scan's own extent within it
+        "input": list(x.shape),  # the model's shape, or the scan's own extent within it
         "threads": args.threads,
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,

@@ -47,8 +47,11 @@ def test_scans_of_different_shapes_are_indexed_each_as_if_alone(unpadded_model, 
     from medfinder.index import CaseIndex, build_index
     from medfinder.search import Searcher
 
+    from medfinder.model import load_model
+
     cases = read_manifest(ragged_corpus)
-    shapes = {tuple(load_and_prepare(unpadded_model, c.image).shape) for c in cases}
+    preprocess = load_model(unpadded_model).make_preprocessor()
+    shapes = {tuple(preprocess(load_volume(c.image)).shape) for c in cases}
     assert len(shapes) == 3  # the build really meets several shapes in one batch
     summary = build_index(cases, tmp_path / "index", model=unpadded_model, progress=False)
     assert summary.added == 8 and not summary.failed
@@ -57,12 +60,6 @@ def test_scans_of_different_shapes_are_indexed_each_as_if_alone(unpadded_model, 
     for case in cases:
         alone = searcher.encode_volume(load_volume(case.image))
         assert np.allclose(stored[case.case_id], alone, atol=1e-5), case.case_id
-
-
-def load_and_prepare(model_dir: Path, image: Path) -> torch.Tensor:
-    from medfinder.model import load_model
-
-    return load_model(model_dir).make_preprocessor()(load_volume(image))
 
 
 def test_training_and_evaluation_take_batches_of_scans_of_different_shapes(unpadded_model, ragged_corpus, tmp_path):
@@ -80,8 +77,9 @@ def test_training_and_evaluation_take_batches_of_scans_of_different_shapes(unpad
     cases = read_manifest(ragged_corpus)
     embeds = embed_cases(model, cases, batch_size=4)
     assert [c.case_id for c in embeds.kept] == [c.case_id for c in cases] and not embeds.skipped
+    preprocess = model.make_preprocessor()
     for row in (0, 1, 2):  # 16, 12 and 8 slices, in one batch
-        alone = model.encode_image(load_and_prepare(out, cases[row].image).unsqueeze(0))[0]
+        alone = model.encode_image(preprocess(load_volume(cases[row].image)).unsqueeze(0))[0]
         assert torch.allclose(embeds.image_queries[row], alone, atol=1e-5)
 
 

@@ -260,12 +260,16 @@ def tower_features(model: MedFinder, images: torch.Tensor | list[torch.Tensor], 
 
     A batch of volumes of different shapes (each scan at its own extent) is a list: one pass per volume.
     """
+    images = on_device(images, device)
     volumes = [images] if isinstance(images, torch.Tensor) else [x.unsqueeze(0) for x in images]
-    features = []
-    for volume in volumes:
-        volume = volume.to(device, non_blocking=True).float()
-        features.append(model.image(augment(volume) if augment is not None else volume))
-    return torch.cat(features)
+    return torch.cat([model.image(augment(volume) if augment is not None else volume) for volume in volumes])
+
+
+def on_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A collated batch's images as float32 on ``device`` (a no-op where they already are)."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True).float()
+    return [x.to(device, non_blocking=True).float() for x in images]
 
 
 def _feature_batches(n: int, batch_size: int, views: int, generator: torch.Generator) -> list[tuple[list[int], torch.Tensor]]:
@@ -332,9 +336,7 @@ class _Step(nn.Module):
             features = [bank[batch["view"].to(device), torch.tensor(batch["positions"], device=device)]]
         else:
             n_views = 2 if settings.view_weight > 0 else 1
-            images = batch["image"]  # moved once, for every view
-            images = (images.to(device, non_blocking=True).float() if isinstance(images, torch.Tensor)
-                      else [x.to(device, non_blocking=True).float() for x in images])
+            images = on_device(batch["image"], device)  # moved once, for every view
             augment = (lambda images: augment_volumes(images, settings, augment_generator)) if settings.augment else None
             features = [tower_features(model, images, device, augment) for _ in range(n_views)]
         views = [model.embed_image_features(f, track_centres) for f in features]
